@@ -1,0 +1,1 @@
+"""Experiment configs, the generation-loop runner, MLflow tracking and the ``forkpop`` command."""

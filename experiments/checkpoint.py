@@ -1,0 +1,57 @@
+"""Per-generation checkpoints: seed weights (safetensors) and state (JSON), written atomically."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def write_checkpoint(run_dir: Path, generation: int, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> Path:
+    """Write ``checkpoints/gen-NNNN`` through a temporary folder and one rename.
+
+    ``state.json`` carries the sha256 of ``weights.safetensors`` so a load can verify it.
+    """
+    root = run_dir / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"gen-{generation:04d}"
+    tmp = root / f".gen-{generation:04d}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "weights.safetensors"))
+    state = {**state, "generation": generation, "weights_sha256": _sha256(tmp / "weights.safetensors")}
+    with open(tmp / "state.json", "w") as f:
+        json.dump(state, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    return final
+
+
+def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Load and verify one checkpoint folder; raises :class:`CheckpointError` in one line."""
+    try:
+        state = json.loads((path / "state.json").read_text())
+        weights_path = path / "weights.safetensors"
+        if _sha256(weights_path) != state.get("weights_sha256"):
+            raise CheckpointError(f"checkpoint {path} fails its sha256 check; it is truncated or was altered")
+        return load_file(str(weights_path)), state
+    except CheckpointError:
+        raise
+    except (OSError, ValueError, KeyError) as e:
+        raise CheckpointError(f"checkpoint {path} cannot be read ({type(e).__name__}); it is incomplete") from None

@@ -1,0 +1,108 @@
+"""The ``forkpop`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, not usage + traceback
+        self.exit(EXIT_USAGE, f"forkpop: {message}; see forkpop {self.prog.split()[-1]} --help\n")
+
+
+def _fail(message: str) -> int:
+    print(f"forkpop: {message}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def bundled_config(name: str) -> Path:
+    return Path(__file__).parent / "configs" / f"{name}.yaml"
+
+
+def _resolve_config(path: str) -> str:
+    """A config path as given, or the name of a bundled config (``digits``)."""
+    if not Path(path).exists() and bundled_config(path).exists():
+        return str(bundled_config(path))
+    return path
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from experiments.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(_resolve_config(args.config), args.set, args.seed)
+        if args.backend:
+            cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"backend": args.backend})})
+    except ConfigError as e:
+        return _fail(str(e))
+
+    from experiments.checkpoint import CheckpointError
+    from experiments.runner import PopulationRun
+    from experiments.tracking import TrackingError
+    from workers.data import DataError
+
+    run = PopulationRun(cfg, tracking_uri=args.tracking_uri, address=args.address, progress=not args.quiet)
+    print(f"forkpop: run directory {run.run_dir}", file=sys.stderr)
+    print(f"forkpop: MLflow store {run.tracking_uri}", file=sys.stderr)
+    try:
+        summary = run.run()
+    except (DataError, CheckpointError, TrackingError) as e:
+        return _fail(str(e))
+    except ValueError as e:  # a setting the schema cannot see (e.g. a partition that cannot be made)
+        return _fail(str(e).splitlines()[0])
+    except KeyboardInterrupt:
+        return _fail("interrupted; the MLflow run is marked KILLED and checkpoints up to the last generation are kept")
+
+    _print_summary(summary)
+    if args.summary:
+        out = Path(args.summary)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(summary.__dict__, indent=1, default=str))
+    if summary.tracking_uri.startswith("sqlite:"):
+        print(f"see it: mlflow ui --backend-store-uri {summary.tracking_uri}")
+    return 0
+
+
+def _print_summary(s) -> None:  # noqa: ANN001 - RunSummary, imported lazily
+    rows = [
+        ("final seed", s.seed_test_accuracy),
+        ("best individual", s.best_individual_test_accuracy),
+        (f"top-k ensemble", s.ensemble_test_accuracy),
+    ]
+    print()
+    print(f"{'model':<18} {'test accuracy':>13}")
+    for name, acc in rows:
+        print(f"{name:<18} {acc:>13.4f}")
+    print(f"{'wall time':<18} {s.wall_seconds:>12.1f}s")
+    print(f"generations {s.generations}, MLflow run {s.mlflow_run_id}")
+    t = s.seconds
+    parts = ["learn", "select", "distill", "evaluate", "tracking", "checkpoint", "ray_overhead", "tracking_flush"]
+    print("time: " + ", ".join(f"{k} {t.get(k, 0.0):.2f}s" for k in parts))
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    parser = _Parser(prog="forkpop", description="Evolving, forking model populations on Ray, tracked in MLflow.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    p = sub.add_parser("run", help="run a population experiment from a YAML config")
+    p.add_argument("config", help="path of a YAML config, or the name of a bundled one (digits)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    p.add_argument("--seed", type=int, default=None, help="run seed (overrides run.seed)")
+    p.add_argument("--summary", default=None, metavar="PATH", help="also write the summary as JSON")
+    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or SQLite)")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
+    p.add_argument("--backend", choices=["ray", "local"], default=None, help="override run.backend")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_run)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

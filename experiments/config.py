@@ -1,0 +1,216 @@
+"""The experiment config: a typed schema, YAML loading and ``--set key=value`` overrides."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from population.genome import Gene, GenomeSpec, default_genome_spec
+
+
+class ConfigError(ValueError):
+    """A config problem a user can fix; its message is one line that says what to change."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RunConfig(_Strict):
+    name: str = Field("forkpop", description="Name of the run (MLflow run name, run directory prefix).")
+    seed: int = Field(0, ge=0, description="Seeds fork noise, selection, mutation and distillation.")
+    generations: int = Field(10, ge=1, description="Number of fork → learn → select → distill rounds.")
+    backend: Literal["ray", "local"] = Field("ray", description="Where learners run: Ray actors or in-process.")
+    address: str | None = Field(None, description="Ray cluster address; None starts a local Ray.")
+    workers: int | None = Field(None, ge=1, description="Number of Ray actors; None: one per CPU Ray reports.")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs for a locally started Ray; None: all.")
+    torch_threads: int = Field(1, ge=1, description="Torch threads per learner process.")
+    run_dir: str = Field("runs", description="Root folder of run directories (checkpoints, config).")
+
+
+class DataConfig(_Strict):
+    source: Literal["digits", "file"] = Field("digits", description="scikit-learn digits, or your own file.")
+    path: str | None = Field(None, description="An .npz (arrays x, y) or .csv (label column) file.")
+    label_column: int = Field(-1, description="Label column of a CSV file.")
+    val_fraction: float = Field(0.1, gt=0, lt=1, description="Share of the non-test data held out for fitness.")
+    partition: Literal["iid", "dirichlet", "shards"] = Field("dirichlet", description="How niches are cut.")
+    n_niches: int | None = Field(None, ge=1, description="Number of niches; None: one per variant.")
+    alpha: float = Field(0.3, gt=0, description="Dirichlet concentration over labels (smaller: more skewed).")
+    shards_per_niche: int = Field(2, ge=1, description="Label shards per niche for partition=shards.")
+    min_niche_size: int = Field(8, ge=1, description="Smallest niche a Dirichlet draw may leave.")
+    seed: int = Field(0, ge=0, description="Seeds the partition (kept fixed so runs compare).")
+    batch_size: int = Field(16, ge=1, description="Mini-batch size of the niche streams.")
+
+
+class ModelConfig(_Strict):
+    family: Literal["mlp", "linear", "cnn"] = Field("mlp", description="Model family every variant shares.")
+    hidden: list[int] = Field([128], description="Hidden widths (mlp) or channels (cnn).")
+
+    @field_validator("hidden")
+    @classmethod
+    def _positive(cls, v: list[int]) -> list[int]:
+        if any(h < 1 for h in v):
+            raise ValueError("every hidden width must be >= 1")
+        return v
+
+
+class GeneConfig(_Strict):
+    low: float
+    high: float
+    init: float
+    kind: Literal["float", "log", "int"] = "float"
+
+    @model_validator(mode="after")
+    def _bounds(self) -> GeneConfig:
+        if self.low > self.high:
+            raise ValueError(f"low {self.low} > high {self.high}; set low <= high")
+        if self.kind == "log" and self.low <= 0:
+            raise ValueError(f"a log-scale gene needs low > 0 (got {self.low})")
+        if not self.low <= self.init <= self.high:
+            raise ValueError(f"init {self.init} outside [{self.low}, {self.high}]; move init inside the bounds")
+        return self
+
+
+def _default_genes() -> dict[str, GeneConfig]:
+    return {g.name: GeneConfig(low=g.low, high=g.high, init=g.init, kind=g.kind) for g in default_genome_spec().genes}
+
+
+class PopulationConfig(_Strict):
+    size: int = Field(16, ge=1, description="Variants forked from the seed each generation.")
+    genes: dict[str, GeneConfig] = Field(default_factory=_default_genes, description="Genes with bounds.")
+    mutation_eta: float = Field(20.0, gt=0, description="Polynomial mutation crowding (larger: smaller steps).")
+    mutation_indpb: float = Field(0.5, ge=0, le=1, description="Probability each gene mutates at a fork.")
+
+    @field_validator("genes")
+    @classmethod
+    def _known_genes(cls, v: dict[str, GeneConfig]) -> dict[str, GeneConfig]:
+        required = {"lr", "epochs"}
+        missing = required - set(v)
+        if missing:
+            raise ValueError(f"genes {sorted(missing)} are required")
+        return v
+
+    def genome_spec(self) -> GenomeSpec:
+        return GenomeSpec(tuple(Gene(n, g.low, g.high, g.init, g.kind) for n, g in self.genes.items()))
+
+
+class SelectionConfig(_Strict):
+    method: Literal["best", "tournament"] = Field("best", description="DEAP selection of teachers.")
+    k: int = Field(4, ge=1, description="Number of teachers distilled into the next seed.")
+    tournament_size: int = Field(3, ge=2, description="Tournament size for method=tournament.")
+    inherit: Literal["crossover", "best", "choice"] = Field("crossover", description="Seed genome from teachers.")
+
+
+class DistillConfig(_Strict):
+    init: Literal["previous", "best", "average"] = Field("average", description="Student's starting weights.")
+    transfer: Literal["all", "teachers"] = Field("all", description="Transfer inputs: all niches or teachers'.")
+    temperature: float = Field(2.0, gt=0, description="Softmax temperature of teachers and student.")
+    steps: int = Field(200, ge=0, description="Student optimisation steps.")
+    lr: float = Field(1e-3, gt=0, description="Student Adam learning rate.")
+    batch_size: int = Field(128, ge=1, description="Transfer mini-batch size.")
+    aggregate: Literal["mean", "median", "trimmed_mean"] = Field("mean", description="Soft-target aggregation.")
+    elitism: bool = Field(True, description="Keep the old seed when the student is worse on validation.")
+
+
+class TrackingConfig(_Strict):
+    uri: str | None = Field(None, description="MLflow tracking URI; None: a SQLite file under run.run_dir.")
+    experiment: str = Field("forkpop", description="MLflow experiment name.")
+    log_steps: bool = Field(True, description="Log each variant's per-step prequential metrics.")
+
+
+class ExperimentConfig(_Strict):
+    run: RunConfig = RunConfig()
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    population: PopulationConfig = PopulationConfig()
+    selection: SelectionConfig = SelectionConfig()
+    distill: DistillConfig = DistillConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ExperimentConfig:
+        if self.selection.k > self.population.size:
+            raise ValueError(
+                f"selection.k={self.selection.k} exceeds population.size={self.population.size}; lower selection.k"
+            )
+        if self.data.source == "file" and not self.data.path:
+            raise ValueError("data.source is 'file' but data.path is not set; set data.path")
+        return self
+
+    @property
+    def n_niches(self) -> int:
+        return self.data.n_niches or self.population.size
+
+
+def _format_error(e: ValidationError) -> str:
+    err = e.errors()[0]
+    loc = ".".join(str(p) for p in err["loc"])
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        return f"unknown key {loc!r}; remove it or check its spelling"
+    given = f" (got {err['input']!r})" if "input" in err and not isinstance(err["input"], dict) else ""
+    return f"{loc}: {msg}{given}" if loc else msg
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: write key=value, e.g. --set population.size=32")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw else None
+    except yaml.YAMLError:
+        value = raw
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"--set {text!r}: key {key!r} is malformed; use dotted names like data.alpha")
+    return parts, value
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    out = copy.deepcopy(raw)
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = out
+        for i, p in enumerate(parts[:-1]):
+            nxt = node.setdefault(p, {})
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"--set {text!r}: {'.'.join(parts[: i + 1])} is a value, not a section")
+            node = nxt
+        node[parts[-1]] = value
+    return out
+
+
+def build_config(raw: dict) -> ExperimentConfig:
+    try:
+        return ExperimentConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_format_error(e)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None, seed: int | None = None) -> ExperimentConfig:
+    """Read a YAML config, apply ``--set`` overrides and ``--seed``, and check it."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {str(p)!r} not found; give the path of a YAML config")
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConfigError(f"config file {str(p)!r} is not valid YAML ({first}); fix its syntax") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {str(p)!r} must be a mapping of sections (run, data, ...)")
+    raw = apply_overrides(raw, overrides or [])
+    if seed is not None:
+        raw.setdefault("run", {})
+        if not isinstance(raw["run"], dict):
+            raise ConfigError("run must be a section (a mapping)")
+        raw["run"]["seed"] = seed
+    return build_config(raw)
+
+
+def config_to_yaml(cfg: ExperimentConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,394 @@
+"""The generation loop: fork → learn online → select → distill, with tracking and checkpoints."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from experiments.checkpoint import write_checkpoint
+from experiments.config import ExperimentConfig, config_to_yaml
+from experiments.tracking import Tracker, resolve_tracking_uri
+from population.genome import Genome
+from population.lineage import Lineage
+from population.models import build_model, flat_weights
+from population.variant import Origin, Variant
+from selection import accuracy_of, distill, ensemble_accuracy, inherit_genome, mutate_genome, select, student_init
+from workers.data import DataSpec, load_data
+from workers.learner import ForkTask, LearnResult, ModelSpec
+from workers.pool import Pool, make_pool
+
+
+@dataclass
+class GenerationRecord:
+    """Per-generation figures; these are also the parent run's metrics at step ``generation``."""
+
+    generation: int
+    seed_id: str
+    seed_val_accuracy: float
+    seed_test_accuracy: float
+    best_fitness: float
+    mean_fitness: float
+    best_individual_test_accuracy: float
+    ensemble_test_accuracy: float
+    student_val_accuracy: float
+    student_accepted: bool
+    diverged: int
+    teachers: list[str]
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def metrics(self) -> dict[str, float]:
+        m = {
+            k: float(v)
+            for k, v in asdict(self).items()
+            if isinstance(v, (int, float, bool)) and k not in ("generation",)
+        }
+        m.update({f"time_{k}": v for k, v in self.seconds.items()})
+        return m
+
+
+@dataclass
+class RunSummary:
+    seed_test_accuracy: float
+    best_individual_test_accuracy: float
+    ensemble_test_accuracy: float
+    wall_seconds: float
+    generations: int
+    mlflow_run_id: str
+    tracking_uri: str
+    run_dir: str
+    seed_val_accuracy: float
+    history: list[dict[str, Any]]
+    seconds: dict[str, float]
+
+
+def _seed_of(rng: np.random.Generator) -> int:
+    return int(rng.integers(0, 2**62))
+
+
+class PopulationRun:
+    """One population run. ``run()`` executes every generation and returns the summary."""
+
+    def __init__(
+        self,
+        cfg: ExperimentConfig,
+        *,
+        tracking_uri: str | None = None,
+        address: str | None = None,
+        progress: bool = True,
+    ):
+        self.cfg = cfg
+        self.progress = progress
+        self.address = address or cfg.run.address
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S-%f")
+        self.run_root = Path(cfg.run.run_dir)
+        self.run_dir = self.run_root / f"{cfg.run.name}-s{cfg.run.seed}-{stamp}"
+        self.tracking_uri = resolve_tracking_uri(tracking_uri, cfg.tracking.uri, self.run_root)
+        self.spec = cfg.population.genome_spec()
+        d = cfg.data
+        self.data_spec = DataSpec(
+            source=d.source,
+            path=str(Path(d.path).resolve()) if d.path else None,
+            label_column=d.label_column,
+            val_fraction=d.val_fraction,
+            partition=d.partition,
+            n_niches=cfg.n_niches,
+            alpha=d.alpha,
+            shards_per_niche=d.shards_per_niche,
+            min_niche_size=d.min_niche_size,
+            seed=d.seed,
+        )
+        self.model_spec = ModelSpec(cfg.model.family, tuple(cfg.model.hidden))
+
+    # -- set-up ------------------------------------------------------------------------------
+    def _start(self) -> tuple[Pool, Tracker]:
+        # The data is loaded here first so a bad path fails before Ray or MLflow start.
+        self.data = load_data(self.data_spec)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.yaml").write_text(config_to_yaml(self.cfg))
+        tracker = Tracker(self.tracking_uri, self.cfg.tracking.experiment, self.run_root)
+        tracker.start(
+            self.cfg.run.name,
+            tags={"forkpop.kind": "population", "forkpop.run_dir": str(self.run_dir.resolve())},
+            params=_flatten(self.cfg.model_dump(mode="json")),
+        )
+        if self.cfg.run.backend == "ray":
+            from workers.ray_pool import ensure_ray
+
+            ensure_ray(self.address, self.cfg.run.num_cpus)
+        pool = make_pool(
+            self.cfg.run.backend,
+            self.data_spec,
+            self.model_spec,
+            self.cfg.data.batch_size,
+            torch_threads=self.cfg.run.torch_threads,
+            n_workers=self.cfg.run.workers,
+        )
+        return pool, tracker
+
+    # -- the loop ----------------------------------------------------------------------------
+    def run(self) -> RunSummary:
+        t_start = time.perf_counter()
+        torch.set_num_threads(self.cfg.run.torch_threads)
+        cfg = self.cfg
+        pool, tracker = self._start()
+        status = "FAILED"
+        try:
+            summary = self._loop(pool, tracker, t_start)
+            status = "FINISHED"
+            return summary
+        except KeyboardInterrupt:
+            status = "KILLED"
+            raise
+        finally:
+            pool.close()
+            try:
+                tracker.finish(status)
+            except Exception:
+                if status == "FINISHED":
+                    raise
+            del cfg
+
+    def _loop(self, pool: Pool, tracker: Tracker, t_start: float) -> RunSummary:
+        cfg = self.cfg
+        data = self.data
+        model = build_model(self.model_spec.family, data.n_features, data.n_classes, self.model_spec.hidden)
+        x_val, y_val = torch.from_numpy(data.x_val), torch.from_numpy(data.y_val)
+        x_test, y_test = torch.from_numpy(data.x_test), torch.from_numpy(data.y_test)
+        x_pool = torch.from_numpy(data.x_pool)
+
+        init_rng = np.random.default_rng([cfg.run.seed, 2**31])
+        seed_weights = flat_weights(
+            build_model(
+                self.model_spec.family, data.n_features, data.n_classes, self.model_spec.hidden, _seed_of(init_rng)
+            )
+        )
+        seed = Variant("g00-seed", self.spec.initial(), 0, Origin.SEED)
+        lineage = Lineage()
+        lineage.add(seed)
+        seed_val = accuracy_of(model, seed_weights, x_val, y_val)
+        tracker.log_variant(seed, {"val_accuracy": seed_val})
+
+        history: list[GenerationRecord] = []
+        totals: dict[str, float] = {}
+        bar = _progress(cfg.run.generations, self.progress)
+        last_teachers = torch.empty(0)
+        last_best = seed_weights
+        for g in range(cfg.run.generations):
+            t_gen = time.perf_counter()
+            rng = np.random.default_rng([cfg.run.seed, g])
+            secs: dict[str, float] = {}
+
+            # Fork: the plan (genomes, niches, noise seeds) is made here; workers execute it.
+            t0 = time.perf_counter()
+            forks, tasks = [], []
+            for i in range(cfg.population.size):
+                genome = mutate_genome(
+                    self.spec, seed.genome, _seed_of(rng), cfg.population.mutation_eta, cfg.population.mutation_indpb
+                )
+                v = Variant(f"g{g:02d}-v{i:03d}", genome, g, Origin.FORK, (seed.id,), i % cfg.n_niches)
+                forks.append(v)
+                tasks.append(ForkTask(v.id, v.niche, genome.as_dict(), _seed_of(rng)))
+            secs["plan"] = time.perf_counter() - t0
+
+            weights, results = pool.learn(seed_weights, tasks)
+            secs["learn"] = pool.stats.wall_seconds
+            secs["learn_compute"] = pool.stats.compute_seconds
+            secs["ray_overhead"] = pool.stats.overhead_seconds if cfg.run.backend == "ray" else 0.0
+
+            # Select: fitness is validation accuracy; diverged variants have none.
+            t0 = time.perf_counter()
+            fitness = [r.val_accuracy if r.status == "ok" else float("nan") for r in results]
+            ok = [i for i, f in enumerate(fitness) if math.isfinite(f)]
+            for v, r in zip(forks, results):
+                lineage.add(v)
+            teachers_idx = select(
+                fitness, cfg.selection.k, cfg.selection.method, _seed_of(rng), cfg.selection.tournament_size
+            )
+            secs["select"] = time.perf_counter() - t0
+
+            t0 = time.perf_counter()
+            gen_best = seed_weights
+            best_test = ens_test = float("nan")
+            student_val = float("nan")
+            accepted = False
+            if teachers_idx:
+                tw = weights[teachers_idx]
+                tf = [fitness[i] for i in teachers_idx]
+                if cfg.distill.transfer == "all":
+                    transfer = x_pool
+                else:
+                    idx = np.concatenate([data.niches[forks[i].niche] for i in teachers_idx])
+                    transfer = x_pool[torch.from_numpy(np.sort(idx))]
+                init = student_init(cfg.distill.init, seed_weights, tw, tf)
+                student_weights, _ = distill(
+                    model,
+                    init,
+                    tw,
+                    tf,
+                    transfer,
+                    temperature=cfg.distill.temperature,
+                    steps=cfg.distill.steps,
+                    lr=cfg.distill.lr,
+                    batch_size=cfg.distill.batch_size,
+                    aggregate=cfg.distill.aggregate,
+                    generator=torch.Generator().manual_seed(_seed_of(rng)),
+                )
+                secs["distill"] = time.perf_counter() - t0
+                t0 = time.perf_counter()
+                student_val = accuracy_of(model, student_weights, x_val, y_val)
+                accepted = not cfg.distill.elitism or student_val >= seed_val
+                genome = inherit_genome(
+                    self.spec, [forks[i].genome for i in teachers_idx], tf, cfg.selection.inherit, _seed_of(rng)
+                )
+                student = Variant(
+                    f"g{g + 1:02d}-seed",
+                    genome,
+                    g + 1,
+                    Origin.DISTILL,
+                    tuple(forks[i].id for i in teachers_idx),
+                )
+                lineage.add(student)
+                student_test = accuracy_of(model, student_weights, x_test, y_test)
+                tracker.log_variant(
+                    student,
+                    {"val_accuracy": student_val, "test_accuracy": student_test},
+                    tags={"forkpop.accepted": str(accepted).lower()},
+                )
+                if accepted:
+                    seed, seed_weights, seed_val = student, student_weights, student_val
+                else:
+                    # The old seed carries on, so the next forks descend from it.
+                    pass
+                gen_best = tw[0]
+                best_test = accuracy_of(model, gen_best, x_test, y_test)
+                ens_test = ensemble_accuracy(model, tw, x_test, y_test)
+                last_teachers, last_best = tw, gen_best
+            else:
+                secs["distill"] = time.perf_counter() - t0
+                t0 = time.perf_counter()
+            seed_test = accuracy_of(model, seed_weights, x_test, y_test)
+            secs["evaluate"] = time.perf_counter() - t0
+
+            t0 = time.perf_counter()
+            teacher_ids = {forks[i].id for i in teachers_idx}
+            for v, r in zip(forks, results):
+                tags = {"forkpop.status": r.status, "forkpop.teacher": str(v.id in teacher_ids).lower()}
+                if r.reason:
+                    tags["forkpop.reason"] = r.reason
+                steps = {"preq_accuracy": r.preq_accuracy, "loss": r.loss} if cfg.tracking.log_steps else None
+                final = {"samples": r.samples, "learn_seconds": r.seconds}
+                if math.isfinite(r.val_accuracy):
+                    final["val_accuracy"] = r.val_accuracy
+                if r.preq_accuracy:
+                    final["preq_accuracy_final"] = r.preq_accuracy[-1]
+                tracker.log_variant(v, final, steps, tags)
+            secs["tracking"] = time.perf_counter() - t0
+
+            t0 = time.perf_counter()
+            fin = [fitness[i] for i in ok]
+            rec = GenerationRecord(
+                generation=g,
+                seed_id=seed.id,
+                seed_val_accuracy=seed_val,
+                seed_test_accuracy=seed_test,
+                best_fitness=max(fin, default=float("nan")),
+                mean_fitness=float(np.mean(fin)) if fin else float("nan"),
+                best_individual_test_accuracy=best_test,
+                ensemble_test_accuracy=ens_test,
+                student_val_accuracy=student_val,
+                student_accepted=accepted,
+                diverged=len(results) - len(ok),
+                teachers=sorted(teacher_ids),
+            )
+            self._checkpoint(g, seed, seed_weights, seed_val, forks, lineage, rng)
+            secs["checkpoint"] = time.perf_counter() - t0
+            secs["generation"] = time.perf_counter() - t_gen
+            rec.seconds = secs
+            tracker.log_generation(g, rec.metrics())
+            history.append(rec)
+            for k, v in secs.items():
+                totals[k] = totals.get(k, 0.0) + v
+            bar.update(1)
+            bar.set_postfix(seed_val=f"{seed_val:.3f}", seed_test=f"{seed_test:.3f}", best=f"{rec.best_fitness:.3f}")
+        bar.close()
+
+        tracker.log_text(lineage.to_json(), "lineage.json")
+        tracker.log_text(config_to_yaml(cfg), "config.yaml")
+        t0 = time.perf_counter()
+        run_id = tracker.wait_started()
+        tracker.flush()
+        totals["tracking_flush"] = time.perf_counter() - t0
+        self.lineage = lineage
+        last = history[-1]
+        return RunSummary(
+            seed_test_accuracy=last.seed_test_accuracy,
+            best_individual_test_accuracy=accuracy_of(model, last_best, x_test, y_test),
+            ensemble_test_accuracy=(
+                ensemble_accuracy(model, last_teachers, x_test, y_test) if len(last_teachers) else float("nan")
+            ),
+            wall_seconds=time.perf_counter() - t_start,
+            generations=cfg.run.generations,
+            mlflow_run_id=run_id,
+            tracking_uri=self.tracking_uri,
+            run_dir=str(self.run_dir.resolve()),
+            seed_val_accuracy=last.seed_val_accuracy,
+            history=[asdict(h) for h in history],
+            seconds=totals,
+        )
+
+    def _checkpoint(
+        self,
+        g: int,
+        seed: Variant,
+        seed_weights: torch.Tensor,
+        seed_val: float,
+        forks: list[Variant],
+        lineage: Lineage,
+        rng: np.random.Generator,
+    ) -> None:
+        state = {
+            "seed": seed.to_dict(),
+            "seed_val_accuracy": seed_val,
+            "genomes": {v.id: v.genome.as_dict() for v in forks},
+            "lineage": lineage.to_dict(),
+            # Each generation's generator is default_rng([run.seed, generation]); its state
+            # after this generation is kept to show the stream is reproduced on resume.
+            "rng": {"scheme": "numpy.default_rng([run.seed, generation])", "state": rng.bit_generator.state},
+        }
+        write_checkpoint(self.run_dir, g, {"seed": seed_weights}, _jsonable(state))
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, (np.integer,)):
+        return int(x)
+    if isinstance(x, Genome):
+        return x.as_dict()
+    return x
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _progress(total: int, enabled: bool):  # noqa: ANN202 - tqdm or a no-op with its interface
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="generations", unit="gen", disable=not enabled, leave=True)

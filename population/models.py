@@ -1,0 +1,70 @@
+"""Model families built from a config, and flat-vector views of their weights."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+
+def mlp(in_dim: int, n_classes: int, hidden: Sequence[int] = (128,)) -> nn.Module:
+    """Fully connected ReLU network: ``(batch, in_dim) -> (batch, n_classes)``."""
+    layers: list[nn.Module] = []
+    d = in_dim
+    for h in hidden:
+        layers += [nn.Linear(d, h), nn.ReLU()]
+        d = h
+    layers.append(nn.Linear(d, n_classes))
+    return nn.Sequential(*layers)
+
+
+def linear(in_dim: int, n_classes: int, hidden: Sequence[int] = ()) -> nn.Module:
+    """Softmax regression: ``(batch, in_dim) -> (batch, n_classes)``."""
+    return nn.Linear(in_dim, n_classes)
+
+
+class SmallCNN(nn.Module):
+    """Two conv layers for square single-channel images given flat: ``(batch, side*side)``."""
+
+    def __init__(self, in_dim: int, n_classes: int, hidden: Sequence[int] = (16, 32)) -> None:
+        super().__init__()
+        side = int(round(in_dim**0.5))
+        if side * side != in_dim:
+            raise ValueError(f"family cnn needs square images; {in_dim} inputs is not a square")
+        c1, c2 = (tuple(hidden) + (16, 32))[:2]
+        self.side = side
+        self.features = nn.Sequential(
+            nn.Conv2d(1, c1, 3, padding=1), nn.ReLU(), nn.Conv2d(c1, c2, 3, padding=1), nn.ReLU()
+        )
+        self.head = nn.Linear(c2, n_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.features(x.view(-1, 1, self.side, self.side))
+        return self.head(h.mean(dim=(2, 3)))
+
+
+MODEL_FAMILIES: dict[str, Callable[..., nn.Module]] = {"mlp": mlp, "linear": linear, "cnn": SmallCNN}
+
+
+def build_model(
+    family: str, in_dim: int, n_classes: int, hidden: Sequence[int] = (128,), seed: int = 0
+) -> nn.Module:
+    """A freshly initialised model of ``family``; the same seed gives the same weights."""
+    if family not in MODEL_FAMILIES:
+        raise ValueError(f"unknown model family {family!r}; choose one of {sorted(MODEL_FAMILIES)}")
+    # Initialise under a private generator so the global torch RNG is never consumed.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return MODEL_FAMILIES[family](in_dim, n_classes, hidden)
+
+
+def flat_weights(model: nn.Module) -> torch.Tensor:
+    """All parameters as one detached vector, shape ``(n_params,)``."""
+    return torch.nn.utils.parameters_to_vector(model.parameters()).detach().clone()
+
+
+def load_flat_weights(model: nn.Module, flat: torch.Tensor) -> nn.Module:
+    """Copy a vector from :func:`flat_weights` into ``model`` in place."""
+    torch.nn.utils.vector_to_parameters(flat.to(next(model.parameters()).dtype), model.parameters())
+    return model

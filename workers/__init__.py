@@ -1,0 +1,23 @@
+"""Data, niches and the online learners, hosted in-process or on Ray actors."""
+
+from workers.data import DataBundle, DataError, DataSpec, load_data
+from workers.learner import ForkTask, GroupLearner, LearnResult, ModelSpec
+from workers.niches import partition, stream_batches
+from workers.pool import BACKENDS, LocalPool, Pool, make_pool
+
+__all__ = [
+    "BACKENDS",
+    "DataBundle",
+    "DataError",
+    "DataSpec",
+    "ForkTask",
+    "GroupLearner",
+    "LearnResult",
+    "LocalPool",
+    "ModelSpec",
+    "Pool",
+    "load_data",
+    "make_pool",
+    "partition",
+    "stream_batches",
+]

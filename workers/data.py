@@ -1,0 +1,153 @@
+"""Data sources and the fixed train / validation / test splits every run shares."""
+
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from workers.niches import partition
+
+
+class DataError(ValueError):
+    """A data problem a user can fix (a path, a format, a partition that cannot be made)."""
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """Everything needed to rebuild the same data anywhere: workers load it where they run."""
+
+    source: str = "digits"
+    path: str | None = None
+    label_column: int = -1
+    test_fraction: float = 0.3
+    val_fraction: float = 0.1
+    split_seed: int = 0
+    partition: str = "dirichlet"
+    n_niches: int = 16
+    alpha: float = 0.3
+    shards_per_niche: int = 2
+    min_niche_size: int = 8
+    seed: int = 0
+
+    def key(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+
+@dataclass(frozen=True)
+class DataBundle:
+    """Arrays of one data set: ``x_*`` float32 ``(n, n_features)``, ``y_*`` int64 ``(n,)``.
+
+    ``niches[i]`` indexes rows of ``x_pool``/``y_pool`` in the niche's fixed stream order.
+    The test split is held out from selection and distillation; only reports read it.
+    """
+
+    x_pool: np.ndarray
+    y_pool: np.ndarray
+    x_val: np.ndarray
+    y_val: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    niches: tuple[np.ndarray, ...]
+    n_classes: int
+
+    @property
+    def n_features(self) -> int:
+        return int(self.x_pool.shape[1])
+
+
+def _load_digits() -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    return (d.data / 16.0).astype(np.float32), d.target.astype(np.int64)
+
+
+def _load_file(path: str, label_column: int) -> tuple[np.ndarray, np.ndarray]:
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"data.path {path!r} is not a readable file; point data.path at an .npz or .csv file")
+    try:
+        if p.suffix == ".npz":
+            with np.load(p, allow_pickle=False) as z:
+                if "x" not in z or "y" not in z:
+                    raise DataError(f"data.path {path!r} needs arrays named 'x' and 'y' (has {sorted(z.files)})")
+                x, y = z["x"], z["y"]
+        elif p.suffix == ".csv":
+            table = np.loadtxt(p, delimiter=",", dtype=np.float64, ndmin=2)
+            y = table[:, label_column]
+            x = np.delete(table, label_column % table.shape[1], axis=1)
+        else:
+            raise DataError(f"data.path {path!r}: unsupported suffix {p.suffix!r}; use .npz or .csv")
+    except DataError:
+        raise
+    except Exception as e:  # numpy's parse errors are many; all mean the same to a user
+        raise DataError(f"data.path {path!r} could not be read ({type(e).__name__}: {e}); fix the file") from None
+    x = np.asarray(x, dtype=np.float32).reshape(len(x), -1)
+    if len(x) != len(y) or len(x) == 0:
+        raise DataError(f"data.path {path!r}: x has {len(x)} rows and y {len(y)}; they must match and be non-empty")
+    if not np.isfinite(x).all():
+        raise DataError(f"data.path {path!r} holds NaN or infinite features; clean the file")
+    _, y = np.unique(np.asarray(y), return_inverse=True)
+    return x, y.astype(np.int64)
+
+
+def _stratified_split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.model_selection import train_test_split
+
+    idx = np.arange(len(y))
+    try:
+        rest, held = train_test_split(idx, test_size=fraction, random_state=seed, stratify=y)
+    except ValueError as e:
+        raise DataError(f"cannot make a stratified split of {fraction} ({e}); use more data or a larger fraction") from None
+    return np.asarray(rest), np.asarray(held)
+
+
+@functools.lru_cache(maxsize=4)
+def _load_cached(key: str) -> DataBundle:
+    spec = DataSpec(**json.loads(key))
+    if spec.source == "digits":
+        x, y = _load_digits()
+    elif spec.source == "file":
+        if not spec.path:
+            raise DataError("data.source is 'file' but data.path is empty; set data.path")
+        x, y = _load_file(spec.path, spec.label_column)
+    else:
+        raise DataError(f"unknown data.source {spec.source!r}; use 'digits' or 'file'")
+    # The test split matches train_test_split(test_size=0.3, random_state=0, stratify=y).
+    train, test = _stratified_split(y, spec.test_fraction, spec.split_seed)
+    pool_rel, val_rel = _stratified_split(y[train], spec.val_fraction, spec.split_seed)
+    pool, val = train[pool_rel], train[val_rel]
+    rng = np.random.default_rng(spec.seed)
+    niches = partition(
+        y[pool],
+        spec.partition,
+        spec.n_niches,
+        rng,
+        alpha=spec.alpha,
+        shards_per_niche=spec.shards_per_niche,
+        min_size=spec.min_niche_size,
+    )
+    return DataBundle(
+        x_pool=x[pool],
+        y_pool=y[pool],
+        x_val=x[val],
+        y_val=y[val],
+        x_test=x[test],
+        y_test=y[test],
+        niches=tuple(niches),
+        n_classes=int(y.max()) + 1,
+    )
+
+
+def load_data(spec: DataSpec) -> DataBundle:
+    """The bundle for ``spec``, cached per process (each worker loads its data once)."""
+    try:
+        return _load_cached(spec.key())
+    except ValueError as e:
+        if isinstance(e, DataError):
+            raise
+        raise DataError(str(e)) from None

@@ -1,0 +1,133 @@
+"""The online learner: forks a seed into variants and trains each prequentially on its niche."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from population.forking import perturb_weights
+from population.models import build_model, flat_weights, load_flat_weights
+from workers.data import DataBundle, DataSpec, load_data
+from workers.niches import stream_batches
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    family: str = "mlp"
+    hidden: tuple[int, ...] = (128,)
+
+
+@dataclass(frozen=True)
+class ForkTask:
+    """The plan for one variant: who it is, what it learns from, with which recipe.
+
+    ``seed`` drives its fork noise; the learner is otherwise deterministic.
+    """
+
+    variant_id: str
+    niche: int
+    genome: dict[str, float]
+    seed: int
+
+
+@dataclass
+class LearnResult:
+    """What a worker returns for one variant. Workers never log; the driver does.
+
+    ``loss``/``preq_accuracy`` hold one value per learning step: the batch loss, and the
+    running prequential accuracy (each batch predicted before it is learned).
+    """
+
+    variant_id: str
+    val_accuracy: float
+    loss: list[float] = field(default_factory=list)
+    preq_accuracy: list[float] = field(default_factory=list)
+    samples: int = 0
+    seconds: float = 0.0
+    status: str = "ok"
+    reason: str = ""
+
+
+class GroupLearner:
+    """Hosts a group of variants of one model spec on one data set (in a process or an actor)."""
+
+    def __init__(self, data_spec: DataSpec, model_spec: ModelSpec, batch_size: int, torch_threads: int = 1):
+        torch.set_num_threads(torch_threads)
+        self.data: DataBundle = load_data(data_spec)
+        self.batch_size = batch_size
+        self.model = build_model(model_spec.family, self.data.n_features, self.data.n_classes, model_spec.hidden)
+        self.x_pool = torch.from_numpy(self.data.x_pool)
+        self.y_pool = torch.from_numpy(self.data.y_pool)
+        self.x_val = torch.from_numpy(self.data.x_val)
+        self.y_val = torch.from_numpy(self.data.y_val)
+        self.streams = [stream_batches(n, batch_size) for n in self.data.niches]
+
+    def ping(self) -> int:
+        return len(self.streams)
+
+    def learn(self, seed_weights: torch.Tensor, tasks: list[ForkTask]) -> tuple[torch.Tensor, list[LearnResult]]:
+        """Fork ``seed_weights`` into each task's variant and learn online on its niche.
+
+        Returns the learned weights stacked ``(len(tasks), n_params)`` and one result per task.
+        """
+        flats, results = [], []
+        for task in tasks:
+            w, r = self._learn_one(seed_weights, task)
+            flats.append(w)
+            results.append(r)
+        return torch.stack(flats) if flats else torch.empty(0, seed_weights.numel()), results
+
+    def _learn_one(self, seed_weights: torch.Tensor, task: ForkTask) -> tuple[torch.Tensor, LearnResult]:
+        t0 = time.perf_counter()
+        g = task.genome
+        gen = torch.Generator().manual_seed(task.seed)
+        model = load_flat_weights(self.model, perturb_weights(seed_weights, g.get("fork_noise", 0.0), gen))
+        opt = torch.optim.SGD(
+            model.parameters(), lr=g["lr"], momentum=g.get("momentum", 0.0), weight_decay=g.get("weight_decay", 0.0)
+        )
+        result = LearnResult(task.variant_id, val_accuracy=float("nan"))
+        correct = seen = 0
+        batches = self.streams[task.niche % len(self.streams)]
+        model.train()
+        for _ in range(int(g.get("epochs", 1))):
+            for idx in batches:
+                x, y = self.x_pool[idx], self.y_pool[idx]
+                logits = model(x)
+                loss = F.cross_entropy(logits, y)
+                correct += int((logits.detach().argmax(1) == y).sum())
+                seen += len(y)
+                lv = float(loss)
+                if not math.isfinite(lv):
+                    result.status, result.reason = "diverged", f"non-finite loss at step {len(result.loss)}"
+                    break
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                result.loss.append(lv)
+                result.preq_accuracy.append(correct / seen)
+            if result.status != "ok":
+                break
+        w = flat_weights(model)
+        if result.status == "ok" and not torch.isfinite(w).all():
+            result.status, result.reason = "diverged", "non-finite weights after learning"
+        result.samples = seen
+        if result.status == "ok":
+            result.val_accuracy = accuracy(model, self.x_val, self.y_val)
+        result.seconds = time.perf_counter() - t0
+        return w, result
+
+
+@torch.no_grad()
+def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    model.eval()
+    return float((model(x).argmax(1) == y).float().mean())
+
+
+def split_tasks(tasks: list[ForkTask], n_groups: int) -> list[list[ForkTask]]:
+    """Contiguous, near-equal chunks (empty chunks dropped), order preserved."""
+    return [list(c) for c in np.array_split(np.asarray(tasks, dtype=object), n_groups) if len(c)]

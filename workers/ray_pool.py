@@ -1,0 +1,91 @@
+"""The Ray backend: actors each host a group of variants. The only module that imports Ray."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import ray
+import torch
+
+from workers.data import DataSpec
+from workers.learner import ForkTask, GroupLearner, LearnResult, ModelSpec, split_tasks
+from workers.pool import PoolStats
+
+
+def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Connect to ``address`` (or ``RAY_ADDRESS``), or start a local Ray on loopback, no dashboard."""
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    kwargs: dict = dict(include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        ray.init(num_cpus=num_cpus, _node_ip_address="127.0.0.1", **kwargs)
+
+
+@ray.remote
+class LearnerActor:
+    """A Ray actor around :class:`GroupLearner`; returns weights and metrics, never logs."""
+
+    def __init__(self, data_spec: DataSpec, model_spec: ModelSpec, batch_size: int, torch_threads: int):
+        self.learner = GroupLearner(data_spec, model_spec, batch_size, torch_threads)
+
+    def ping(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
+    def learn(self, seed_weights: torch.Tensor, tasks: list[ForkTask]) -> tuple[torch.Tensor, list[LearnResult]]:
+        return self.learner.learn(seed_weights, tasks)
+
+
+class RayPool:
+    """A fixed set of actors, started once and reused every generation.
+
+    Without ``n_workers`` there is one actor per CPU Ray reports (at most ``max_workers``).
+    The seed's weights go to the object store once per generation; each actor returns its
+    group's weights as one stacked tensor.
+    """
+
+    def __init__(
+        self,
+        data_spec: DataSpec,
+        model_spec: ModelSpec,
+        batch_size: int,
+        torch_threads: int = 1,
+        n_workers: int | None = None,
+        cpus_per_worker: float = 1.0,
+        address: str | None = None,
+    ):
+        ensure_ray(address)
+        if n_workers is None:
+            cpus = int(ray.available_resources().get("CPU", 1))
+            n_workers = max(1, int(cpus // max(cpus_per_worker, 1e-9)))
+        self.n_workers = n_workers
+        opts = {"num_cpus": cpus_per_worker}
+        self.actors = [
+            LearnerActor.options(**opts).remote(data_spec, model_spec, batch_size, torch_threads)
+            for _ in range(n_workers)
+        ]
+        self._ready = [a.ping.remote() for a in self.actors]
+        self.stats = PoolStats()
+
+    def node_ids(self) -> list[str]:
+        return ray.get(self._ready)
+
+    def learn(self, seed_weights: torch.Tensor, tasks: list[ForkTask]) -> tuple[torch.Tensor, list[LearnResult]]:
+        t0 = time.perf_counter()
+        groups = split_tasks(tasks, min(self.n_workers, len(tasks)))
+        seed_ref = ray.put(seed_weights)
+        outs = ray.get([a.learn.remote(seed_ref, g) for a, g in zip(self.actors, groups)])
+        wall = time.perf_counter() - t0
+        per_worker = [sum(r.seconds for r in res) for _, res in outs]
+        self.stats = PoolStats(wall, max(per_worker, default=0.0), per_worker)
+        weights = torch.cat([w for w, _ in outs]) if outs else torch.empty(0, seed_weights.numel())
+        return weights, [r for _, res in outs for r in res]
+
+    def close(self) -> None:
+        for a in self.actors:
+            ray.kill(a)
+        self.actors = []
