@@ -106,13 +106,14 @@ class SelectionConfig(_Strict):
 
 
 class DistillConfig(_Strict):
-    init: Literal["previous", "best", "average"] = Field("average", description="Student's starting weights.")
+    init: Literal["previous", "best", "average", "data_average"] = Field("average", description="Student's starting weights.")
     transfer: Literal["all", "teachers"] = Field("all", description="Transfer inputs: all niches or teachers'.")
     temperature: float = Field(2.0, gt=0, description="Softmax temperature of teachers and student.")
     steps: int = Field(200, ge=0, description="Student optimisation steps.")
     lr: float = Field(1e-3, gt=0, description="Student Adam learning rate.")
     batch_size: int = Field(128, ge=1, description="Transfer mini-batch size.")
-    aggregate: Literal["mean", "median", "trimmed_mean"] = Field("mean", description="Soft-target aggregation.")
+    aggregate: Literal["mean", "median", "trimmed_mean", "class_reliability"] = Field("mean", description="Soft-target aggregation.")
+    eval_every: int = Field(25, ge=0, description="Score the student on validation every N steps, keep the best; 0: off.")
     elitism: bool = Field(True, description="Keep the old seed when the student is worse on validation.")
 
 
@@ -170,6 +171,14 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return parts, value
 
 
+def deep_merge(base: dict, top: dict) -> dict:
+    """``top`` laid over ``base``, section by section (a copy; neither input changes)."""
+    out = copy.deepcopy(base)
+    for k, v in top.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out
+
+
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     out = copy.deepcopy(raw)
     for text in overrides:
@@ -203,7 +212,8 @@ def load_config(path: str | Path, overrides: list[str] | None = None, seed: int 
         raise ConfigError(f"config file {str(p)!r} is not valid YAML ({first}); fix its syntax") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"config file {str(p)!r} must be a mapping of sections (run, data, ...)")
-    raw = apply_overrides(raw, overrides or [])
+    # Laid over the defaults, so a partial section (one gene's init, say) keeps the rest.
+    raw = apply_overrides(deep_merge(ExperimentConfig().model_dump(mode="json"), raw), overrides or [])
     if seed is not None:
         raw.setdefault("run", {})
         if not isinstance(raw["run"], dict):

@@ -226,7 +226,9 @@ class PopulationRun:
                 else:
                     idx = np.concatenate([data.niches[forks[i].niche] for i in teachers_idx])
                     transfer = x_pool[torch.from_numpy(np.sort(idx))]
-                init = student_init(cfg.distill.init, seed_weights, tw, tf)
+                init = student_init(
+                    cfg.distill.init, seed_weights, tw, tf, [len(data.niches[forks[i].niche]) for i in teachers_idx]
+                )
                 student_weights, _ = distill(
                     model,
                     init,
@@ -239,6 +241,8 @@ class PopulationRun:
                     batch_size=cfg.distill.batch_size,
                     aggregate=cfg.distill.aggregate,
                     generator=torch.Generator().manual_seed(_seed_of(rng)),
+                    probe=(x_val, y_val),
+                    eval_every=cfg.distill.eval_every,
                 )
                 secs["distill"] = time.perf_counter() - t0
                 t0 = time.perf_counter()

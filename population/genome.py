@@ -47,7 +47,9 @@ class Gene:
     def from_unit(self, u: float) -> float:
         """Inverse of :meth:`to_unit`, clipped into bounds and rounded for ``int`` genes."""
         u = min(1.0, max(0.0, float(u)))
-        if self.kind == "log":
+        if u in (0.0, 1.0):  # exact bounds, free of log/exp rounding
+            v = self.low if u == 0.0 else self.high
+        elif self.kind == "log":
             v = math.exp(math.log(self.low) + u * (math.log(self.high) - math.log(self.low)))
         else:
             v = self.low + u * (self.high - self.low)
@@ -71,7 +73,7 @@ class GenomeSpec:
         return [g.name for g in self.genes]
 
     def initial(self) -> Genome:
-        return Genome({g.name: g.from_unit(g.to_unit(g.init)) for g in self.genes})
+        return Genome({g.name: float(round(g.init)) if g.kind == "int" else float(g.init) for g in self.genes})
 
     def to_unit(self, genome: Genome) -> list[float]:
         """The genome as a vector in the unit cube, shape ``(n_genes,)``."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 def mean(probs: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
@@ -27,4 +28,27 @@ def trimmed_mean(probs: torch.Tensor, weights: torch.Tensor | None = None, trim:
     return m / m.sum(1, keepdim=True).clamp_min(1e-12)
 
 
-AGGREGATORS = {"mean": mean, "median": median, "trimmed_mean": trimmed_mean}
+def class_reliability(probs: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Each teacher's vote for class ``c`` weighted by ``weights[t, c]`` (its reliability on c).
+
+    ``weights`` is ``(n_teachers, n_classes)``, e.g. each teacher's validation precision per
+    class: a teacher that learned a niche of few labels predicts them for everything, so its
+    precision on them is low and its votes count little outside what it knows.
+    """
+    if weights is None or weights.dim() != 2:
+        return mean(probs, None)
+    m = torch.einsum("tc,tnc->nc", weights, probs)
+    return m / m.sum(1, keepdim=True).clamp_min(1e-12)
+
+
+def class_precision(pred: torch.Tensor, y: torch.Tensor, n_classes: int) -> torch.Tensor:
+    """Smoothed precision per teacher and class, ``(n_teachers, n_classes)``.
+
+    ``pred`` is ``(n_teachers, n)`` predicted labels on a labelled probe ``y`` ``(n,)``.
+    """
+    hit = F.one_hot(pred, n_classes).float()  # (t, n, c)
+    tp = (hit * F.one_hot(y, n_classes).float()[None]).sum(1)
+    return (tp + 1.0) / (hit.sum(1) + 2.0)
+
+
+AGGREGATORS = {"mean": mean, "median": median, "trimmed_mean": trimmed_mean, "class_reliability": class_reliability}

@@ -9,9 +9,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from population.models import load_flat_weights
-from selection.aggregate import AGGREGATORS
+from selection.aggregate import AGGREGATORS, class_precision
 
-INITS = ("previous", "best", "average")
+INITS = ("previous", "best", "average", "data_average")
 
 
 @torch.no_grad()
@@ -28,19 +28,28 @@ def soft_targets(
 
 
 def student_init(
-    method: str, previous: torch.Tensor, teachers: torch.Tensor, fitnesses: Sequence[float]
+    method: str,
+    previous: torch.Tensor,
+    teachers: torch.Tensor,
+    fitnesses: Sequence[float],
+    samples: Sequence[float] | None = None,
 ) -> torch.Tensor:
     """The student's starting weights, ``(n_params,)``; teachers are ``(k, n_params)``, best first.
 
     ``average`` is the fitness-weighted mean of the teachers: forks of one seed share a basin,
-    so their average is a meaningful model.
+    so their average is a meaningful model. ``data_average`` weighs each teacher by fitness
+    times the samples it learned from (``samples``), as FedAvg weighs clients by data size.
     """
     if method == "previous":
         return previous.clone()
     if method == "best":
         return teachers[0].clone()
-    if method == "average":
+    if method in ("average", "data_average"):
         w = torch.tensor(fitnesses, dtype=teachers.dtype).clamp_min(1e-6)
+        if method == "data_average":
+            if samples is None:
+                raise ValueError("distill.init=data_average needs each teacher's sample count")
+            w = w * torch.tensor(samples, dtype=teachers.dtype).clamp_min(1.0)
         return (w[:, None] * teachers).sum(0) / w.sum()
     raise ValueError(f"unknown distill.init {method!r}; use one of {INITS}")
 
@@ -58,23 +67,38 @@ def distill(
     batch_size: int = 128,
     aggregate: str = "mean",
     generator: torch.Generator,
+    probe: tuple[torch.Tensor, torch.Tensor] | None = None,
+    eval_every: int = 0,
 ) -> tuple[torch.Tensor, list[float]]:
     """Train a student from ``init`` on the teachers' aggregated soft targets.
 
     ``teachers`` is ``(k, n_params)``, ``transfer_x`` ``(n, n_features)``. The loss is the
     KL divergence at ``temperature``, scaled by ``temperature**2``. Returns the student's
-    weights ``(n_params,)`` and the loss per step.
+    weights ``(n_params,)`` and the loss per step. ``probe`` (validation inputs and labels)
+    gives each teacher its per-class reliability for ``aggregate="class_reliability"``, and
+    with ``eval_every > 0`` the student is scored on it at the start and every ``eval_every``
+    steps: the best-scoring weights are returned (ties go to the later, more distilled one).
     """
     if aggregate not in AGGREGATORS:
         raise ValueError(f"unknown distill.aggregate {aggregate!r}; use one of {sorted(AGGREGATORS)}")
     probs = soft_targets(model, teachers, transfer_x, temperature)
-    target = AGGREGATORS[aggregate](probs, torch.tensor(fitnesses, dtype=probs.dtype))
+    if aggregate == "class_reliability":
+        if probe is None:
+            raise ValueError("distill.aggregate=class_reliability needs a labelled probe (the validation split)")
+        px, py = probe
+        pred = soft_targets(model, teachers, px, 1.0).argmax(2)
+        weights = class_precision(pred, py, probs.shape[2])
+    else:
+        weights = torch.tensor(fitnesses, dtype=probs.dtype)
+    target = AGGREGATORS[aggregate](probs, weights)
     load_flat_weights(model, init)
-    model.train()
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     n = len(transfer_x)
-    losses = []
-    for _ in range(steps):
+    losses: list[float] = []
+    keep = eval_every > 0 and probe is not None
+    best_w, best_acc = init.clone(), accuracy_of(model, init, *probe) if keep else 0.0
+    for step in range(1, steps + 1):
+        model.train()
         idx = torch.randint(n, (min(batch_size, n),), generator=generator)
         logp = F.log_softmax(model(transfer_x[idx]) / temperature, dim=1)
         loss = F.kl_div(logp, target[idx], reduction="batchmean") * temperature**2
@@ -82,6 +106,13 @@ def distill(
         loss.backward()
         opt.step()
         losses.append(float(loss.detach()))
+        if keep and (step % eval_every == 0 or step == steps):
+            w = torch.nn.utils.parameters_to_vector(model.parameters()).detach().clone()
+            acc = accuracy_of(model, w, *probe)
+            if acc >= best_acc:
+                best_w, best_acc = w, acc
+    if keep:
+        return best_w, losses
     return torch.nn.utils.parameters_to_vector(model.parameters()).detach().clone(), losses
 
 

@@ -73,10 +73,13 @@ def select(fitnesses: Sequence[float], k: int, method: str, seed: int, tournamen
 
 def mutate_genome(spec: GenomeSpec, genome: Genome, seed: int, eta: float = 20.0, indpb: float = 0.5) -> Genome:
     """Polynomial bounded mutation (``deap.tools.mutPolynomialBounded``) on each gene's scale."""
-    ind = Individual(spec.to_unit(genome))
+    before = spec.to_unit(genome)
+    ind = Individual(before)
     with seeded_random(seed):
         (ind,) = tools.mutPolynomialBounded(ind, eta=eta, low=0.0, up=1.0, indpb=indpb)
-    return spec.from_unit(list(ind))
+    child = spec.from_unit(list(ind))
+    # Genes the operator left alone keep their exact value (no unit-scale round trip).
+    return Genome({n: genome[n] if u == b else child[n] for n, u, b in zip(spec.names, ind, before)})
 
 
 def crossover_genomes(spec: GenomeSpec, a: Genome, b: Genome, seed: int, eta: float = 15.0) -> Genome:

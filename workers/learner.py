@@ -16,6 +16,10 @@ from workers.data import DataBundle, DataSpec, load_data
 from workers.niches import stream_batches
 
 
+# A loss this many times its first value means the variant has diverged, NaN or not.
+EXPLODED = 100.0
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     family: str = "mlp"
@@ -101,9 +105,13 @@ class GroupLearner:
                 loss = F.cross_entropy(logits, y)
                 correct += int((logits.detach().argmax(1) == y).sum())
                 seen += len(y)
-                lv = float(loss)
+                lv = float(loss.detach())
                 if not math.isfinite(lv):
                     result.status, result.reason = "diverged", f"non-finite loss at step {len(result.loss)}"
+                    break
+                if result.loss and lv > EXPLODED * max(result.loss[0], 1e-3):
+                    result.status = "diverged"
+                    result.reason = f"loss exploded to {lv:.3g} at step {len(result.loss)} (first {result.loss[0]:.3g})"
                     break
                 opt.zero_grad(set_to_none=True)
                 loss.backward()

@@ -1,0 +1,39 @@
+"""Shared fixtures: a tiny config, a temp MLflow store, and one real local Ray per session."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from experiments.config import build_config, deep_merge, ExperimentConfig
+
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+
+def tiny_config(tmp_path, **sections) -> ExperimentConfig:
+    """A 2-generation, 6-variant run on digits that takes a second or two."""
+    raw = {
+        "run": {"name": "tiny", "generations": 2, "backend": "local", "run_dir": str(tmp_path / "runs")},
+        "data": {"n_niches": 6, "alpha": 0.5},
+        "population": {"size": 6, "genes": {"epochs": {"low": 1, "high": 3, "init": 2, "kind": "int"}}},
+        "selection": {"k": 3},
+        "distill": {"steps": 30},
+    }
+    return build_config(deep_merge(deep_merge(ExperimentConfig().model_dump(mode="json"), raw), sections))
+
+
+@pytest.fixture
+def tracking_uri(tmp_path) -> str:
+    return f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """A real local Ray for the whole test session: 2 CPUs, no dashboard, loopback only."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    yield ray
+    ray.shutdown()
