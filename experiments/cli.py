@@ -48,9 +48,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     from workers.data import DataError
 
     run = PopulationRun(cfg, tracking_uri=args.tracking_uri, address=args.address, progress=not args.quiet)
-    print(f"forkpop: run directory {run.run_dir}", file=sys.stderr)
-    print(f"forkpop: MLflow store {run.tracking_uri}", file=sys.stderr)
     try:
+        run.load_data()  # data errors surface before anything starts or is recorded
+        print(f"forkpop: run directory {run.run_dir}", file=sys.stderr)
+        print(f"forkpop: MLflow store {run.tracking_uri}", file=sys.stderr)
         summary = run.run()
     except (DataError, CheckpointError, TrackingError) as e:
         return _fail(str(e))

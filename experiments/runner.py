@@ -107,9 +107,12 @@ class PopulationRun:
         self.model_spec = ModelSpec(cfg.model.family, tuple(cfg.model.hidden))
 
     # -- set-up ------------------------------------------------------------------------------
-    def _start(self) -> tuple[Pool, Tracker]:
-        # The data is loaded here first so a bad path fails before Ray or MLflow start.
+    def load_data(self) -> None:
+        """Load (and so check) the data; a bad path or partition fails before Ray or MLflow start."""
         self.data = load_data(self.data_spec)
+
+    def _start(self) -> tuple[Pool, Tracker]:
+        self.load_data()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.yaml").write_text(config_to_yaml(self.cfg))
         tracker = Tracker(self.tracking_uri, self.cfg.tracking.experiment, self.run_root)

@@ -1,0 +1,86 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from experiments.config import ConfigError, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+DIGITS = ROOT / "experiments" / "configs" / "digits.yaml"
+
+
+def test_bundled_config_loads_and_overrides_apply():
+    cfg = load_config(DIGITS, ["population.size=32", "data.alpha=0.1", "population.genes.lr.init=0.02"], seed=3)
+    assert cfg.population.size == 32 and cfg.n_niches == 32
+    assert cfg.data.alpha == 0.1 and cfg.run.seed == 3
+    # a partial gene override keeps the gene's other fields and the other genes
+    assert cfg.population.genes["lr"].init == 0.02 and cfg.population.genes["lr"].kind == "log"
+    assert "epochs" in cfg.population.genes
+
+
+BAD = [
+    (["populaton.size=3"], "unknown key 'populaton'"),
+    (["population.sise=3"], "unknown key 'population.sise'"),
+    (["population.size=-1"], "population.size: Input should be greater than or equal to 1"),
+    (["data.alpha=0"], "data.alpha: Input should be greater than 0"),
+    (["data.alpha=-2"], "data.alpha"),
+    (["population.genes.lr.low=0.9"], "population.genes.lr: Value error, low 0.9 > high"),
+    (["population.genes.epochs.low=5", "population.genes.epochs.high=2"], "low 5.0 > high 2.0"),
+    (["selection.k=40"], "selection.k=40 exceeds population.size=16"),
+    (["model.family=resnet"], "model.family"),
+    (["run.backend=spark"], "run.backend"),
+    (["data.partition=zipf"], "data.partition"),
+    (["data.batch_size=0"], "data.batch_size"),
+    (["run.generations=zero"], "run.generations"),
+    (["data.source=file"], "data.path is not set"),
+    (["noequals"], "write key=value"),
+    (["run.seed.x=1"], "run.seed is a value, not a section"),
+]
+
+
+@pytest.mark.parametrize("overrides, needle", BAD)
+def test_bad_configs_name_the_key(overrides, needle):
+    with pytest.raises(ConfigError) as e:
+        load_config(DIGITS, overrides)
+    msg = str(e.value)
+    assert needle.replace("Value error, ", "") in msg and "\n" not in msg
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("run: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    bad.write_text("- a list\n")
+    with pytest.raises(ConfigError, match="mapping of sections"):
+        load_config(bad)
+
+
+def _forkpop(*args, cwd):
+    return subprocess.run(
+        [sys.executable, "-m", "experiments.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=120
+    )
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["run", str(DIGITS), "--set", "populaton.size=3"], "unknown key 'populaton'"),
+        (["run", str(DIGITS), "--set", "population.size=-4"], "population.size"),
+        (["run", str(DIGITS), "--set", "data.alpha=0"], "data.alpha"),
+        (["run", "missing.yaml"], "not found"),
+        (["run", str(DIGITS), "--set", "population.genes.lr.low=0.9"], "low 0.9 > high"),
+        (["run", str(DIGITS), "--set", "data.source=file", "--set", "data.path=/nope.npz"], "not a readable file"),
+        (["run", str(DIGITS), "--seed", "abc"], "invalid int value"),
+        (["frobnicate"], "invalid choice"),
+    ],
+)
+def test_cli_bad_input_is_one_line_and_status_2(tmp_path, args, needle):
+    p = _forkpop(*args, "--set", f"run.run_dir={tmp_path}/runs", "--backend", "local", cwd=tmp_path) if args[0] == "run" else _forkpop(*args, cwd=tmp_path)
+    assert p.returncode == 2, p.stderr
+    lines = [line for line in p.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and needle in lines[0], p.stderr
+    assert "Traceback" not in p.stderr + p.stdout

@@ -1,0 +1,80 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from experiments.checkpoint import CheckpointError, read_checkpoint
+from experiments.runner import PopulationRun
+from experiments.tracking import lineage_from_mlflow
+from population import Origin
+from tests.conftest import tiny_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(tmp_path, uri, **sections):
+    run = PopulationRun(tiny_config(tmp_path, **sections), tracking_uri=uri, progress=False)
+    return run, run.run()
+
+
+def test_local_run_records_every_birth_in_mlflow(tmp_path, tracking_uri):
+    run, s = _run(tmp_path, tracking_uri)
+    lin = run.lineage
+    # 1 seed + 2 generations x (6 forks + 1 distilled student)
+    assert len(lin) == 1 + 2 * 7
+    students = [v for v in lin if v.origin is Origin.DISTILL]
+    assert len(students) == 2 and all(len(v.parents) == 3 for v in students)
+    assert lineage_from_mlflow(s.mlflow_run_id, tracking_uri) == lin
+
+    from mlflow import MlflowClient
+
+    c = MlflowClient(tracking_uri)
+    parent = c.get_run(s.mlflow_run_id)
+    assert parent.info.status == "FINISHED"
+    hist = c.get_metric_history(s.mlflow_run_id, "seed_test_accuracy")
+    assert [m.step for m in hist] == [0, 1]
+    assert [m.value for m in hist] == pytest.approx([h["seed_test_accuracy"] for h in s.history])
+    kids = c.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{s.mlflow_run_id}'")
+    fork = next(r for r in kids if r.data.tags["forkpop.origin"] == "fork")
+    assert {"gene.lr", "gene.epochs"} <= set(fork.data.params)
+    steps = c.get_metric_history(fork.info.run_id, "preq_accuracy")
+    assert len(steps) > 1 and [m.step for m in steps] == list(range(len(steps)))
+    arts = {a.path for a in c.list_artifacts(s.mlflow_run_id)}
+    assert {"lineage.json", "config.yaml"} <= arts
+
+    ckpts = sorted((Path(s.run_dir) / "checkpoints").iterdir())
+    assert [p.name for p in ckpts] == ["gen-0000", "gen-0001"]
+    tensors, state = read_checkpoint(ckpts[-1])
+    assert state["generation"] == 1 and "seed" in tensors and state["lineage"]["variants"]
+    w = ckpts[-1] / "weights.safetensors"
+    w.write_bytes(w.read_bytes()[:-10])
+    with pytest.raises(CheckpointError, match="sha256"):
+        read_checkpoint(ckpts[-1])
+
+
+def test_same_seed_same_run_other_seed_other_run(tmp_path):
+    _, a = _run(tmp_path / "a", f"sqlite:///{tmp_path}/a.db")
+    _, b = _run(tmp_path / "b", f"sqlite:///{tmp_path}/b.db")
+    _, c = _run(tmp_path / "c", f"sqlite:///{tmp_path}/c.db", run={"seed": 1})
+    key = ["seed_val_accuracy", "seed_test_accuracy", "best_fitness", "mean_fitness", "teachers"]
+    pick = lambda s: [[h[k] for k in key] for h in s.history]  # noqa: E731
+    assert pick(a) == pick(b)
+    assert pick(a) != pick(c)
+
+
+def test_cli_smoke_writes_the_summary(tmp_path):
+    out = tmp_path / "s.json"
+    cmd = [sys.executable, "-m", "experiments.cli", "run", str(ROOT / "experiments/configs/digits.yaml")]
+    cmd += ["--backend", "local", "--set", "run.generations=1", "--set", "population.size=4", "--set", "selection.k=2"]
+    cmd += ["--set", f"run.run_dir={tmp_path}/runs", "--tracking-uri", f"sqlite:///{tmp_path}/m.db"]
+    cmd += ["--summary", str(out), "--quiet"]
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=180)
+    assert p.returncode == 0, p.stderr[-2000:]
+    s = json.loads(out.read_text())
+    for k in ["seed_test_accuracy", "best_individual_test_accuracy", "ensemble_test_accuracy", "wall_seconds",
+              "generations", "mlflow_run_id", "tracking_uri"]:
+        assert k in s
+    assert 0 <= s["seed_test_accuracy"] <= 1 and s["generations"] == 1
+    assert "final seed" in p.stdout and "top-k ensemble" in p.stdout
