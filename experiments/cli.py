@@ -74,7 +74,7 @@ def _print_summary(s) -> None:  # noqa: ANN001 - RunSummary, imported lazily
     rows = [
         ("final seed", s.seed_test_accuracy),
         ("best individual", s.best_individual_test_accuracy),
-        (f"top-k ensemble", s.ensemble_test_accuracy),
+        ("top-k ensemble", s.ensemble_test_accuracy),
     ]
     print()
     print(f"{'model':<18} {'test accuracy':>13}")

@@ -106,14 +106,20 @@ class SelectionConfig(_Strict):
 
 
 class DistillConfig(_Strict):
-    init: Literal["previous", "best", "average", "data_average"] = Field("average", description="Student's starting weights.")
+    init: Literal["previous", "best", "average", "data_average"] = Field(
+        "average", description="Student's starting weights."
+    )
     transfer: Literal["all", "teachers"] = Field("all", description="Transfer inputs: all niches or teachers'.")
     temperature: float = Field(2.0, gt=0, description="Softmax temperature of teachers and student.")
     steps: int = Field(200, ge=0, description="Student optimisation steps.")
     lr: float = Field(1e-3, gt=0, description="Student Adam learning rate.")
     batch_size: int = Field(128, ge=1, description="Transfer mini-batch size.")
-    aggregate: Literal["mean", "median", "trimmed_mean", "class_reliability"] = Field("mean", description="Soft-target aggregation.")
-    eval_every: int = Field(25, ge=0, description="Score the student on validation every N steps, keep the best; 0: off.")
+    aggregate: Literal["mean", "median", "trimmed_mean", "class_reliability"] = Field(
+        "mean", description="Soft-target aggregation."
+    )
+    eval_every: int = Field(
+        25, ge=0, description="Score the student on validation every N steps, keep the best; 0: off."
+    )
     elitism: bool = Field(True, description="Keep the old seed when the student is worse on validation.")
 
 

@@ -21,7 +21,7 @@ from population.models import build_model, flat_weights
 from population.variant import Origin, Variant
 from selection import accuracy_of, distill, ensemble_accuracy, inherit_genome, mutate_genome, select, student_init
 from workers.data import DataSpec, load_data
-from workers.learner import ForkTask, LearnResult, ModelSpec
+from workers.learner import ForkTask, ModelSpec
 from workers.pool import Pool, make_pool
 
 
@@ -139,7 +139,6 @@ class PopulationRun:
     def run(self) -> RunSummary:
         t_start = time.perf_counter()
         torch.set_num_threads(self.cfg.run.torch_threads)
-        cfg = self.cfg
         pool, tracker = self._start()
         status = "FAILED"
         try:
@@ -156,7 +155,6 @@ class PopulationRun:
             except Exception:
                 if status == "FINISHED":
                     raise
-            del cfg
 
     def _loop(self, pool: Pool, tracker: Tracker, t_start: float) -> RunSummary:
         cfg = self.cfg
@@ -209,7 +207,7 @@ class PopulationRun:
             t0 = time.perf_counter()
             fitness = [r.val_accuracy if r.status == "ok" else float("nan") for r in results]
             ok = [i for i, f in enumerate(fitness) if math.isfinite(f)]
-            for v, r in zip(forks, results):
+            for v in forks:
                 lineage.add(v)
             teachers_idx = select(
                 fitness, cfg.selection.k, cfg.selection.method, _seed_of(rng), cfg.selection.tournament_size
@@ -217,7 +215,6 @@ class PopulationRun:
             secs["select"] = time.perf_counter() - t0
 
             t0 = time.perf_counter()
-            gen_best = seed_weights
             best_test = ens_test = float("nan")
             student_val = float("nan")
             accepted = False
@@ -268,15 +265,11 @@ class PopulationRun:
                     {"val_accuracy": student_val, "test_accuracy": student_test},
                     tags={"forkpop.accepted": str(accepted).lower()},
                 )
-                if accepted:
+                if accepted:  # otherwise the old seed carries on and the next forks descend from it
                     seed, seed_weights, seed_val = student, student_weights, student_val
-                else:
-                    # The old seed carries on, so the next forks descend from it.
-                    pass
-                gen_best = tw[0]
-                best_test = accuracy_of(model, gen_best, x_test, y_test)
+                best_test = accuracy_of(model, tw[0], x_test, y_test)
                 ens_test = ensemble_accuracy(model, tw, x_test, y_test)
-                last_teachers, last_best = tw, gen_best
+                last_teachers, last_best = tw, tw[0]
             else:
                 secs["distill"] = time.perf_counter() - t0
                 t0 = time.perf_counter()
@@ -285,7 +278,7 @@ class PopulationRun:
 
             t0 = time.perf_counter()
             teacher_ids = {forks[i].id for i in teachers_idx}
-            for v, r in zip(forks, results):
+            for v, r in zip(forks, results, strict=True):
                 tags = {"forkpop.status": r.status, "forkpop.teacher": str(v.id in teacher_ids).lower()}
                 if r.reason:
                     tags["forkpop.reason"] = r.reason

@@ -113,7 +113,7 @@ class Tracker:
         """One nested run for ``variant``: lineage tags, genome params, final and per-step metrics."""
 
         def job() -> None:
-            from mlflow.entities import Metric, Param, RunTag
+            from mlflow.entities import Metric, Param
 
             ts = int(time.time() * 1000)
             all_tags = {

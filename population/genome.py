@@ -32,8 +32,7 @@ class Gene:
             raise ValueError(f"gene {self.name}: a log-scale gene needs low > 0 (got {self.low})")
         if not self.low <= self.init <= self.high:
             raise ValueError(
-                f"gene {self.name}: init {self.init} outside [{self.low}, {self.high}]; "
-                "move init inside the bounds"
+                f"gene {self.name}: init {self.init} outside [{self.low}, {self.high}]; move init inside the bounds"
             )
 
     def to_unit(self, value: float) -> float:
@@ -116,7 +115,7 @@ def default_genome_spec() -> GenomeSpec:
             Gene("lr", 1e-3, 0.5, 0.05, "log"),
             Gene("momentum", 0.0, 0.99, 0.9),
             Gene("weight_decay", 1e-7, 1e-2, 1e-5, "log"),
-            Gene("epochs", 1, 10, 3, "int"),
+            Gene("epochs", 1, 20, 3, "int"),
             Gene("fork_noise", 0.0, 0.05, 0.01),
         )
     )

@@ -47,9 +47,7 @@ class SmallCNN(nn.Module):
 MODEL_FAMILIES: dict[str, Callable[..., nn.Module]] = {"mlp": mlp, "linear": linear, "cnn": SmallCNN}
 
 
-def build_model(
-    family: str, in_dim: int, n_classes: int, hidden: Sequence[int] = (128,), seed: int = 0
-) -> nn.Module:
+def build_model(family: str, in_dim: int, n_classes: int, hidden: Sequence[int] = (128,), seed: int = 0) -> nn.Module:
     """A freshly initialised model of ``family``; the same seed gives the same weights."""
     if family not in MODEL_FAMILIES:
         raise ValueError(f"unknown model family {family!r}; choose one of {sorted(MODEL_FAMILIES)}")

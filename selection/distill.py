@@ -15,9 +15,7 @@ INITS = ("previous", "best", "average", "data_average")
 
 
 @torch.no_grad()
-def soft_targets(
-    model: nn.Module, teachers: torch.Tensor, x: torch.Tensor, temperature: float
-) -> torch.Tensor:
+def soft_targets(model: nn.Module, teachers: torch.Tensor, x: torch.Tensor, temperature: float) -> torch.Tensor:
     """Each teacher's softened predictions, ``(n_teachers, n, n_classes)``."""
     model.eval()
     out = []

@@ -79,7 +79,7 @@ def mutate_genome(spec: GenomeSpec, genome: Genome, seed: int, eta: float = 20.0
         (ind,) = tools.mutPolynomialBounded(ind, eta=eta, low=0.0, up=1.0, indpb=indpb)
     child = spec.from_unit(list(ind))
     # Genes the operator left alone keep their exact value (no unit-scale round trip).
-    return Genome({n: genome[n] if u == b else child[n] for n, u, b in zip(spec.names, ind, before)})
+    return Genome({n: genome[n] if u == b else child[n] for n, u, b in zip(spec.names, ind, before, strict=True)})
 
 
 def crossover_genomes(spec: GenomeSpec, a: Genome, b: Genome, seed: int, eta: float = 15.0) -> Genome:

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from experiments.config import build_config, deep_merge, ExperimentConfig
+from experiments.config import ExperimentConfig, build_config, deep_merge
 
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 

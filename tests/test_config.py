@@ -79,7 +79,11 @@ def _forkpop(*args, cwd):
     ],
 )
 def test_cli_bad_input_is_one_line_and_status_2(tmp_path, args, needle):
-    p = _forkpop(*args, "--set", f"run.run_dir={tmp_path}/runs", "--backend", "local", cwd=tmp_path) if args[0] == "run" else _forkpop(*args, cwd=tmp_path)
+    p = (
+        _forkpop(*args, "--set", f"run.run_dir={tmp_path}/runs", "--backend", "local", cwd=tmp_path)
+        if args[0] == "run"
+        else _forkpop(*args, cwd=tmp_path)
+    )
     assert p.returncode == 2, p.stderr
     lines = [line for line in p.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and needle in lines[0], p.stderr

@@ -34,7 +34,11 @@ def test_int_gene_rounds_and_stays_in_bounds():
 
 @pytest.mark.parametrize(
     "args, match",
-    [(("x", 2.0, 1.0, 1.5), "low 2.0 > high 1.0"), (("x", 0.0, 1.0, 0.5, "log"), "low > 0"), (("x", 0, 1, 3), "init 3")],
+    [
+        (("x", 2.0, 1.0, 1.5), "low 2.0 > high 1.0"),
+        (("x", 0.0, 1.0, 0.5, "log"), "low > 0"),
+        (("x", 0, 1, 3), "init 3"),
+    ],
 )
 def test_bad_gene_bounds_are_refused(args, match):
     with pytest.raises(ValueError, match=match):

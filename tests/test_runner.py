@@ -73,8 +73,15 @@ def test_cli_smoke_writes_the_summary(tmp_path):
     p = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=180)
     assert p.returncode == 0, p.stderr[-2000:]
     s = json.loads(out.read_text())
-    for k in ["seed_test_accuracy", "best_individual_test_accuracy", "ensemble_test_accuracy", "wall_seconds",
-              "generations", "mlflow_run_id", "tracking_uri"]:
+    for k in [
+        "seed_test_accuracy",
+        "best_individual_test_accuracy",
+        "ensemble_test_accuracy",
+        "wall_seconds",
+        "generations",
+        "mlflow_run_id",
+        "tracking_uri",
+    ]:
         assert k in s
     assert 0 <= s["seed_test_accuracy"] <= 1 and s["generations"] == 1
     assert "final seed" in p.stdout and "top-k ensemble" in p.stdout

@@ -19,7 +19,7 @@ def test_partitions_cover_the_pool_once(method):
     flat = np.concatenate(parts)
     assert len(parts) == 12 and sorted(flat.tolist()) == list(range(len(y)))
     again = partition(y, method, 12, np.random.default_rng(0), alpha=0.5)
-    assert all(np.array_equal(a, b) for a, b in zip(parts, again))
+    assert all(np.array_equal(a, b) for a, b in zip(parts, again, strict=True))
 
 
 def test_small_alpha_makes_skewed_niches():
@@ -78,7 +78,11 @@ def test_user_files_load_and_bad_ones_say_why(tmp_path):
         assert b.n_features == 5 and b.n_classes == 3
     (tmp_path / "bad.csv").write_text("1,2,x\n")
     np.savez(tmp_path / "nox.npz", a=x)
-    for name, match in [("missing.npz", "not a readable file"), ("bad.csv", "could not be read"), ("nox.npz", "'x' and 'y'")]:
+    for name, match in [
+        ("missing.npz", "not a readable file"),
+        ("bad.csv", "could not be read"),
+        ("nox.npz", "'x' and 'y'"),
+    ]:
         with pytest.raises(DataError, match=match):
             load_data(DataSpec(source="file", path=str(tmp_path / name), n_niches=4))
 
@@ -101,7 +105,9 @@ def test_learning_is_prequential():
     model = build_model("mlp", lr_.data.n_features, lr_.data.n_classes, (32,), seed=0)
     niche = lr_.data.niches[2]
     with torch.no_grad():
-        acc = float((model(torch.from_numpy(lr_.data.x_pool[niche])).argmax(1).numpy() == lr_.data.y_pool[niche]).mean())
+        acc = float(
+            (model(torch.from_numpy(lr_.data.x_pool[niche])).argmax(1).numpy() == lr_.data.y_pool[niche]).mean()
+        )
     assert res.preq_accuracy[-1] == pytest.approx(acc)
     assert len(res.loss) == len(stream_batches(niche, 16)) and res.samples == len(niche)
 

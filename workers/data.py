@@ -102,7 +102,9 @@ def _stratified_split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.nda
     try:
         rest, held = train_test_split(idx, test_size=fraction, random_state=seed, stratify=y)
     except ValueError as e:
-        raise DataError(f"cannot make a stratified split of {fraction} ({e}); use more data or a larger fraction") from None
+        raise DataError(
+            f"cannot make a stratified split of {fraction} ({e}); use more data or a larger fraction"
+        ) from None
     return np.asarray(rest), np.asarray(held)
 
 

@@ -15,7 +15,6 @@ from population.models import build_model, flat_weights, load_flat_weights
 from workers.data import DataBundle, DataSpec, load_data
 from workers.niches import stream_batches
 
-
 # A loss this many times its first value means the variant has diverged, NaN or not.
 EXPLODED = 100.0
 

@@ -78,7 +78,7 @@ class RayPool:
         t0 = time.perf_counter()
         groups = split_tasks(tasks, min(self.n_workers, len(tasks)))
         seed_ref = ray.put(seed_weights)
-        outs = ray.get([a.learn.remote(seed_ref, g) for a, g in zip(self.actors, groups)])
+        outs = ray.get([a.learn.remote(seed_ref, g) for a, g in zip(self.actors, groups, strict=False)])
         wall = time.perf_counter() - t0
         per_worker = [sum(r.seconds for r in res) for _, res in outs]
         self.stats = PoolStats(wall, max(per_worker, default=0.0), per_worker)
