@@ -83,8 +83,19 @@ def _print_summary(s) -> None:  # noqa: ANN001 - RunSummary, imported lazily
     print(f"{'wall time':<18} {s.wall_seconds:>12.1f}s")
     print(f"generations {s.generations}, MLflow run {s.mlflow_run_id}")
     t = s.seconds
-    parts = ["learn", "select", "distill", "evaluate", "tracking", "checkpoint", "ray_overhead", "tracking_flush"]
-    print("time: " + ", ".join(f"{k} {t.get(k, 0.0):.2f}s" for k in parts))
+    parts = {
+        "startup": "start-up (Ray, actors, MLflow)",
+        "learn_compute": "learning (slowest worker)",
+        "ray_overhead": "Ray overhead",
+        "select": "selection",
+        "distill": "distillation",
+        "evaluate": "evaluation",
+        "tracking": "tracking (driver)",
+        "tracking_writer": "tracking (writer thread, overlapped)",
+        "tracking_flush": "final tracking flush",
+        "checkpoint": "checkpoints",
+    }
+    print("where the time went: " + ", ".join(f"{v} {t.get(k, 0.0):.2f}s" for k, v in parts.items()))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -36,7 +36,7 @@ class DataConfig(_Strict):
     source: Literal["digits", "file"] = Field("digits", description="scikit-learn digits, or your own file.")
     path: str | None = Field(None, description="An .npz (arrays x, y) or .csv (label column) file.")
     label_column: int = Field(-1, description="Label column of a CSV file.")
-    val_fraction: float = Field(0.1, gt=0, lt=1, description="Share of the non-test data held out for fitness.")
+    val_fraction: float = Field(0.05, gt=0, lt=1, description="Share of the non-test data held out for fitness.")
     partition: Literal["iid", "dirichlet", "shards"] = Field("dirichlet", description="How niches are cut.")
     n_niches: int | None = Field(None, ge=1, description="Number of niches; None: one per variant.")
     alpha: float = Field(0.3, gt=0, description="Dirichlet concentration over labels (smaller: more skewed).")
@@ -83,7 +83,7 @@ class PopulationConfig(_Strict):
     size: int = Field(16, ge=1, description="Variants forked from the seed each generation.")
     genes: dict[str, GeneConfig] = Field(default_factory=_default_genes, description="Genes with bounds.")
     mutation_eta: float = Field(20.0, gt=0, description="Polynomial mutation crowding (larger: smaller steps).")
-    mutation_indpb: float = Field(0.5, ge=0, le=1, description="Probability each gene mutates at a fork.")
+    mutation_indpb: float = Field(0.3, ge=0, le=1, description="Probability each gene mutates at a fork.")
 
     @field_validator("genes")
     @classmethod
@@ -100,18 +100,18 @@ class PopulationConfig(_Strict):
 
 class SelectionConfig(_Strict):
     method: Literal["best", "tournament"] = Field("best", description="DEAP selection of teachers.")
-    k: int = Field(4, ge=1, description="Number of teachers distilled into the next seed.")
+    k: int | None = Field(None, ge=1, description="Teachers distilled into the next seed; None: every variant.")
     tournament_size: int = Field(3, ge=2, description="Tournament size for method=tournament.")
     inherit: Literal["crossover", "best", "choice"] = Field("crossover", description="Seed genome from teachers.")
 
 
 class DistillConfig(_Strict):
     init: Literal["previous", "best", "average", "data_average"] = Field(
-        "average", description="Student's starting weights."
+        "data_average", description="Student's starting weights."
     )
     transfer: Literal["all", "teachers"] = Field("all", description="Transfer inputs: all niches or teachers'.")
-    temperature: float = Field(2.0, gt=0, description="Softmax temperature of teachers and student.")
-    steps: int = Field(200, ge=0, description="Student optimisation steps.")
+    temperature: float = Field(4.0, gt=0, description="Softmax temperature of teachers and student.")
+    steps: int = Field(100, ge=0, description="Student optimisation steps.")
     lr: float = Field(1e-3, gt=0, description="Student Adam learning rate.")
     batch_size: int = Field(128, ge=1, description="Transfer mini-batch size.")
     aggregate: Literal["mean", "median", "trimmed_mean", "class_reliability"] = Field(
@@ -140,13 +140,17 @@ class ExperimentConfig(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> ExperimentConfig:
-        if self.selection.k > self.population.size:
+        if self.selection.k is not None and self.selection.k > self.population.size:
             raise ValueError(
                 f"selection.k={self.selection.k} exceeds population.size={self.population.size}; lower selection.k"
             )
         if self.data.source == "file" and not self.data.path:
             raise ValueError("data.source is 'file' but data.path is not set; set data.path")
         return self
+
+    @property
+    def n_teachers(self) -> int:
+        return self.selection.k or self.population.size
 
     @property
     def n_niches(self) -> int:

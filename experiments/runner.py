@@ -140,6 +140,9 @@ class PopulationRun:
         t_start = time.perf_counter()
         torch.set_num_threads(self.cfg.run.torch_threads)
         pool, tracker = self._start()
+        if hasattr(pool, "node_ids"):  # wait for the actors, so their start counts as start-up
+            tracker.set_tags({"forkpop.ray_nodes": ",".join(sorted(set(pool.node_ids())))})
+        self.startup_seconds = time.perf_counter() - t_start
         status = "FAILED"
         try:
             summary = self._loop(pool, tracker, t_start)
@@ -210,7 +213,7 @@ class PopulationRun:
             for v in forks:
                 lineage.add(v)
             teachers_idx = select(
-                fitness, cfg.selection.k, cfg.selection.method, _seed_of(rng), cfg.selection.tournament_size
+                fitness, cfg.n_teachers, cfg.selection.method, _seed_of(rng), cfg.selection.tournament_size
             )
             secs["select"] = time.perf_counter() - t0
 
@@ -323,8 +326,9 @@ class PopulationRun:
         tracker.log_text(config_to_yaml(cfg), "config.yaml")
         t0 = time.perf_counter()
         run_id = tracker.wait_started()
-        tracker.flush()
+        totals["tracking_writer"] = tracker.flush()
         totals["tracking_flush"] = time.perf_counter() - t0
+        totals["startup"] = self.startup_seconds
         self.lineage = lineage
         last = history[-1]
         return RunSummary(

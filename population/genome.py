@@ -112,10 +112,10 @@ def default_genome_spec() -> GenomeSpec:
     """Genes of the online learner: SGD recipe, local epochs and the weight noise at fork."""
     return GenomeSpec(
         (
-            Gene("lr", 1e-3, 0.5, 0.05, "log"),
-            Gene("momentum", 0.0, 0.99, 0.9),
+            Gene("lr", 1e-3, 0.5, 0.1, "log"),
+            Gene("momentum", 0.0, 0.99, 0.8),
             Gene("weight_decay", 1e-7, 1e-2, 1e-5, "log"),
-            Gene("epochs", 1, 20, 3, "int"),
+            Gene("epochs", 1, 30, 20, "int"),
             Gene("fork_noise", 0.0, 0.05, 0.01),
         )
     )
