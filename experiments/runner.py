@@ -111,8 +111,7 @@ class PopulationRun:
         """Load (and so check) the data; a bad path or partition fails before Ray or MLflow start."""
         self.data = load_data(self.data_spec)
 
-    def _start(self) -> tuple[Pool, Tracker]:
-        self.load_data()
+    def _start_tracker(self) -> Tracker:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.yaml").write_text(config_to_yaml(self.cfg))
         tracker = Tracker(self.tracking_uri, self.cfg.tracking.experiment, self.run_root)
@@ -121,6 +120,9 @@ class PopulationRun:
             tags={"forkpop.kind": "population", "forkpop.run_dir": str(self.run_dir.resolve())},
             params=_flatten(self.cfg.model_dump(mode="json")),
         )
+        return tracker
+
+    def _start_pool(self) -> Pool:
         if self.cfg.run.backend == "ray":
             from workers.ray_pool import ensure_ray
 
@@ -133,18 +135,24 @@ class PopulationRun:
             torch_threads=self.cfg.run.torch_threads,
             n_workers=self.cfg.run.workers,
         )
-        return pool, tracker
+        if hasattr(pool, "node_ids"):
+            pool.node_ids()  # wait for the actors, so their start counts as start-up
+        return pool
 
     # -- the loop ----------------------------------------------------------------------------
     def run(self) -> RunSummary:
         t_start = time.perf_counter()
         torch.set_num_threads(self.cfg.run.torch_threads)
-        pool, tracker = self._start()
-        if hasattr(pool, "node_ids"):  # wait for the actors, so their start counts as start-up
-            tracker.set_tags({"forkpop.ray_nodes": ",".join(sorted(set(pool.node_ids())))})
-        self.startup_seconds = time.perf_counter() - t_start
+        self.load_data()
+        # MLflow starts on its writer thread while Ray and the actors come up here.
+        tracker = self._start_tracker()
+        pool: Pool | None = None
         status = "FAILED"
         try:
+            pool = self._start_pool()
+            if hasattr(pool, "node_ids"):
+                tracker.set_tags({"forkpop.ray_nodes": ",".join(sorted(set(pool.node_ids())))})
+            self.startup_seconds = time.perf_counter() - t_start
             summary = self._loop(pool, tracker, t_start)
             status = "FINISHED"
             return summary
@@ -152,7 +160,8 @@ class PopulationRun:
             status = "KILLED"
             raise
         finally:
-            pool.close()
+            if pool is not None:
+                pool.close()
             try:
                 tracker.finish(status)
             except Exception:
