@@ -13,7 +13,7 @@ EXIT_USAGE = 2
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, not usage + traceback
-        self.exit(EXIT_USAGE, f"forkpop: {message}; see forkpop {self.prog.split()[-1]} --help\n")
+        self.exit(EXIT_USAGE, f"forkpop: {message}; see {self.prog} --help\n")
 
 
 def _fail(message: str) -> int:

@@ -88,3 +88,19 @@ def test_cli_bad_input_is_one_line_and_status_2(tmp_path, args, needle):
     lines = [line for line in p.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and needle in lines[0], p.stderr
     assert "Traceback" not in p.stderr + p.stdout
+
+
+def test_cli_without_command_and_help(tmp_path):
+    p = _forkpop(cwd=tmp_path)
+    assert p.returncode == 2 and p.stderr.strip() == (
+        "forkpop: the following arguments are required: command; see forkpop --help"
+    )
+    h = _forkpop("run", "--help", cwd=tmp_path)
+    assert h.returncode == 0 and "--summary" in h.stdout and "--set" in h.stdout
+
+
+def test_bundled_config_by_name():
+    from experiments.cli import _resolve_config
+
+    assert Path(_resolve_config("digits")) == DIGITS
+    assert _resolve_config("my.yaml") == "my.yaml"
