@@ -70,9 +70,6 @@ class GroupLearner:
         self.y_val = torch.from_numpy(self.data.y_val)
         self.streams = [stream_batches(n, batch_size) for n in self.data.niches]
 
-    def ping(self) -> int:
-        return len(self.streams)
-
     def learn(self, seed_weights: torch.Tensor, tasks: list[ForkTask]) -> tuple[torch.Tensor, list[LearnResult]]:
         """Fork ``seed_weights`` into each task's variant and learn online on its niche.
 
