@@ -92,6 +92,7 @@ def _print_summary(s) -> None:  # noqa: ANN001 - RunSummary, imported lazily
         "evaluate": "evaluation",
         "tracking": "tracking (driver)",
         "tracking_writer": "tracking (writer thread, overlapped)",
+        "tracking_writer_cpu": "of which CPU",
         "tracking_flush": "final tracking flush",
         "checkpoint": "checkpoints",
     }

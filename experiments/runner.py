@@ -336,6 +336,7 @@ class PopulationRun:
         t0 = time.perf_counter()
         run_id = tracker.wait_started()
         totals["tracking_writer"] = tracker.flush()
+        totals["tracking_writer_cpu"] = tracker.cpu_seconds
         totals["tracking_flush"] = time.perf_counter() - t0
         totals["startup"] = self.startup_seconds
         self.lineage = lineage

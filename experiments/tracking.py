@@ -47,6 +47,7 @@ class Tracker:
         self._q: queue.Queue[Callable[[], None] | None] = queue.Queue()
         self._error: BaseException | None = None
         self._busy_seconds = 0.0
+        self.cpu_seconds = 0.0
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._work, name="forkpop-tracking", daemon=True)
         self._thread.start()
@@ -58,12 +59,13 @@ class Tracker:
             if job is None:
                 return
             if self._error is None:
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.thread_time()
                 try:
                     job()
                 except BaseException as e:  # reported to the driver at the next flush
                     self._error = e
                 self._busy_seconds += time.perf_counter() - t0
+                self.cpu_seconds += time.thread_time() - c0
             self._q.task_done()
 
     def _submit(self, job: Callable[[], None]) -> None:
