@@ -126,7 +126,11 @@ class DistillConfig(_Strict):
 class TrackingConfig(_Strict):
     uri: str | None = Field(None, description="MLflow tracking URI; None: a SQLite file under run.run_dir.")
     experiment: str = Field("forkpop", description="MLflow experiment name.")
-    log_steps: bool = Field(True, description="Log each variant's per-step prequential metrics.")
+    step_metrics: Literal["batch", "epoch", "none"] = Field(
+        "epoch",
+        description="Variant curves as MLflow metrics: per batch (preq_accuracy, loss), per pass over the "
+        "niche (preq_accuracy_epoch, loss_epoch), or none. Full per-batch curves are always in steps/ artifacts.",
+    )
 
 
 class ExperimentConfig(_Strict):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -21,7 +22,7 @@ from population.models import build_model, flat_weights
 from population.variant import Origin, Variant
 from selection import accuracy_of, distill, ensemble_accuracy, inherit_genome, mutate_genome, select, student_init
 from workers.data import DataSpec, load_data
-from workers.learner import ForkTask, ModelSpec
+from workers.learner import ForkTask, LearnResult, ModelSpec
 from workers.pool import Pool, make_pool
 
 
@@ -207,7 +208,8 @@ class PopulationRun:
                 )
                 v = Variant(f"g{g:02d}-v{i:03d}", genome, g, Origin.FORK, (seed.id,), i % cfg.n_niches)
                 forks.append(v)
-                tasks.append(ForkTask(v.id, v.niche, genome.as_dict(), _seed_of(rng)))
+                cost = len(self.data.niches[v.niche]) * genome.get("epochs", 1.0)
+                tasks.append(ForkTask(v.id, v.niche, genome.as_dict(), _seed_of(rng), cost))
             secs["plan"] = time.perf_counter() - t0
 
             weights, results = pool.learn(seed_weights, tasks)
@@ -290,11 +292,13 @@ class PopulationRun:
 
             t0 = time.perf_counter()
             teacher_ids = {forks[i].id for i in teachers_idx}
+            curves = {r.variant_id: {"preq_accuracy": r.preq_accuracy, "loss": r.loss} for r in results}
+            tracker.log_text(json.dumps(curves), f"steps/gen-{g:04d}.json")
             for v, r in zip(forks, results, strict=True):
                 tags = {"forkpop.status": r.status, "forkpop.teacher": str(v.id in teacher_ids).lower()}
                 if r.reason:
                     tags["forkpop.reason"] = r.reason
-                steps = {"preq_accuracy": r.preq_accuracy, "loss": r.loss} if cfg.tracking.log_steps else None
+                steps = _step_metrics(r, cfg.tracking.step_metrics)
                 final = {"samples": r.samples, "learn_seconds": r.seconds}
                 if math.isfinite(r.val_accuracy):
                     final["val_accuracy"] = r.val_accuracy
@@ -377,6 +381,20 @@ class PopulationRun:
             "rng": {"scheme": "numpy.default_rng([run.seed, generation])", "state": rng.bit_generator.state},
         }
         write_checkpoint(self.run_dir, g, {"seed": seed_weights}, _jsonable(state))
+
+
+def _step_metrics(r: LearnResult, mode: str) -> dict[str, list[float]] | None:
+    """A variant's learning curve as MLflow metric series, at the resolution ``mode`` asks for."""
+    if mode == "batch":
+        return {"preq_accuracy": r.preq_accuracy, "loss": r.loss}
+    if mode == "epoch":
+        bounds = [0, *r.epoch_ends]
+        spans = [(a, b) for a, b in zip(bounds, bounds[1:], strict=False) if b > a]
+        return {
+            "preq_accuracy_epoch": [r.preq_accuracy[b - 1] for _, b in spans],
+            "loss_epoch": [float(np.mean(r.loss[a:b])) for a, b in spans],
+        }
+    return None
 
 
 def _jsonable(x: Any) -> Any:

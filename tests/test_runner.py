@@ -39,10 +39,16 @@ def test_local_run_records_every_birth_in_mlflow(tmp_path, tracking_uri):
     kids = c.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{s.mlflow_run_id}'")
     fork = next(r for r in kids if r.data.tags["forkpop.origin"] == "fork")
     assert {"gene.lr", "gene.epochs"} <= set(fork.data.params)
-    steps = c.get_metric_history(fork.info.run_id, "preq_accuracy")
-    assert len(steps) > 1 and [m.step for m in steps] == list(range(len(steps)))
+    epochs = c.get_metric_history(fork.info.run_id, "preq_accuracy_epoch")
+    assert len(epochs) == int(float(fork.data.params["gene.epochs"]))
+    assert [m.step for m in epochs] == list(range(len(epochs)))
     arts = {a.path for a in c.list_artifacts(s.mlflow_run_id)}
-    assert {"lineage.json", "config.yaml"} <= arts
+    assert {"lineage.json", "config.yaml", "steps"} <= arts
+    gen = int(fork.data.tags["forkpop.generation"])
+    got = c.download_artifacts(s.mlflow_run_id, f"steps/gen-{gen:04d}.json", str(tmp_path))
+    curves = json.loads(Path(got).read_text())
+    full = curves[fork.data.tags["forkpop.variant_id"]]["preq_accuracy"]
+    assert len(full) > len(epochs) and full[-1] == pytest.approx(epochs[-1].value)
 
     ckpts = sorted((Path(s.run_dir) / "checkpoints").iterdir())
     assert [p.name for p in ckpts] == ["gen-0000", "gen-0001"]
@@ -52,6 +58,17 @@ def test_local_run_records_every_birth_in_mlflow(tmp_path, tracking_uri):
     w.write_bytes(w.read_bytes()[:-10])
     with pytest.raises(CheckpointError, match="sha256"):
         read_checkpoint(ckpts[-1])
+
+
+def test_batch_resolution_curves_in_mlflow(tmp_path, tracking_uri):
+    _, s = _run(tmp_path, tracking_uri, tracking={"step_metrics": "batch"}, run={"generations": 1})
+    from mlflow import MlflowClient
+
+    c = MlflowClient(tracking_uri)
+    kids = c.search_runs(["1"], f"tags.mlflow.parentRunId = '{s.mlflow_run_id}' and tags.`forkpop.origin` = 'fork'")
+    steps = c.get_metric_history(kids[0].info.run_id, "preq_accuracy")
+    assert len(steps) > 2 and [m.step for m in steps] == list(range(len(steps)))
+    assert len(c.get_metric_history(kids[0].info.run_id, "loss")) == len(steps)
 
 
 def test_same_seed_same_run_other_seed_other_run(tmp_path):

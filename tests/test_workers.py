@@ -131,3 +131,16 @@ def test_a_diverging_variant_is_stopped_and_says_why():
     _, (res,) = lr_.learn(_seed_weights(lr_), [ForkTask("boom", 0, g, 0)])
     assert res.status == "diverged" and ("non-finite" in res.reason or "exploded" in res.reason)
     assert np.isnan(res.val_accuracy)
+
+
+def test_split_tasks_balances_cost_and_keeps_every_task_once():
+    from workers.learner import split_tasks
+
+    costs = [100, 1, 1, 1, 50, 50, 2, 2]
+    tasks = [ForkTask(f"v{i}", i, {}, i, c) for i, c in enumerate(costs)]
+    groups = split_tasks(tasks, 2)
+    assert sorted(t.variant_id for g in groups for t in g) == sorted(t.variant_id for t in tasks)
+    loads = [sum(t.cost for t in g) for g in groups]
+    assert max(loads) - min(loads) <= 3  # an equal-count split would give 154 vs 53
+    assert all([t.variant_id for t in g] == sorted((t.variant_id for t in g), key=lambda s: int(s[1:])) for g in groups)
+    assert split_tasks(tasks, 2) == groups and len(split_tasks(tasks[:1], 4)) == 1

@@ -6,7 +6,6 @@ import math
 import time
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -36,6 +35,7 @@ class ForkTask:
     niche: int
     genome: dict[str, float]
     seed: int
+    cost: float = 1.0  # expected work (samples x passes), for balancing groups across workers
 
 
 @dataclass
@@ -44,12 +44,14 @@ class LearnResult:
 
     ``loss``/``preq_accuracy`` hold one value per learning step: the batch loss, and the
     running prequential accuracy (each batch predicted before it is learned).
+    ``epoch_ends[e]`` is the number of steps done when pass ``e`` over the niche ended.
     """
 
     variant_id: str
     val_accuracy: float
     loss: list[float] = field(default_factory=list)
     preq_accuracy: list[float] = field(default_factory=list)
+    epoch_ends: list[int] = field(default_factory=list)
     samples: int = 0
     seconds: float = 0.0
     status: str = "ok"
@@ -114,6 +116,7 @@ class GroupLearner:
                 opt.step()
                 result.loss.append(lv)
                 result.preq_accuracy.append(correct / seen)
+            result.epoch_ends.append(len(result.loss))
             if result.status != "ok":
                 break
         w = flat_weights(model)
@@ -133,5 +136,17 @@ def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def split_tasks(tasks: list[ForkTask], n_groups: int) -> list[list[ForkTask]]:
-    """Contiguous, near-equal chunks (empty chunks dropped), order preserved."""
-    return [list(c) for c in np.array_split(np.asarray(tasks, dtype=object), n_groups) if len(c)]
+    """Groups of about equal total ``cost`` (greedy: largest first to the lightest group).
+
+    Niches differ in size by tens of times under a skewed partition, so equal counts would
+    leave one worker idle while another learns. Empty groups are dropped; within a group the
+    tasks keep their original order, and the split depends only on the tasks.
+    """
+    n_groups = max(1, min(n_groups, len(tasks)))
+    load = [0.0] * n_groups
+    members: list[list[int]] = [[] for _ in range(n_groups)]
+    for i in sorted(range(len(tasks)), key=lambda i: (-tasks[i].cost, i)):
+        j = min(range(n_groups), key=lambda j: (load[j], j))
+        load[j] += tasks[i].cost
+        members[j].append(i)
+    return [[tasks[i] for i in sorted(m)] for m in members if m]

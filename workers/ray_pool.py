@@ -82,8 +82,13 @@ class RayPool:
         wall = time.perf_counter() - t0
         per_worker = [sum(r.seconds for r in res) for _, res in outs]
         self.stats = PoolStats(wall, max(per_worker, default=0.0), per_worker)
-        weights = torch.cat([w for w, _ in outs]) if outs else torch.empty(0, seed_weights.numel())
-        return weights, [r for _, res in outs for r in res]
+        # Back into the order of ``tasks``, whatever group each ran in.
+        where = {r.variant_id: (k, i) for k, (_, res) in enumerate(outs) for i, r in enumerate(res)}
+        order = [where[t.variant_id] for t in tasks]
+        if not order:
+            return torch.empty(0, seed_weights.numel()), []
+        weights = torch.stack([outs[k][0][i] for k, i in order])
+        return weights, [outs[k][1][i] for k, i in order]
 
     def close(self) -> None:
         for a in self.actors:
