@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from population.models import load_flat_weights
+from population.optim import AdamState, adam_step
 from selection.aggregate import AGGREGATORS, class_precision
 
 INITS = ("previous", "best", "average", "data_average")
@@ -90,7 +91,8 @@ def distill(
         weights = torch.tensor(fitnesses, dtype=probs.dtype)
     target = AGGREGATORS[aggregate](probs, weights)
     load_flat_weights(model, init)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    params = list(model.parameters())
+    adam = AdamState(params)
     n = len(transfer_x)
     losses: list[float] = []
     keep = eval_every > 0 and probe is not None
@@ -100,9 +102,7 @@ def distill(
         idx = torch.randint(n, (min(batch_size, n),), generator=generator)
         logp = F.log_softmax(model(transfer_x[idx]) / temperature, dim=1)
         loss = F.kl_div(logp, target[idx], reduction="batchmean") * temperature**2
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        adam_step(params, torch.autograd.grad(loss, params), adam, lr)
         losses.append(float(loss.detach()))
         if keep and (step % eval_every == 0 or step == steps):
             w = torch.nn.utils.parameters_to_vector(model.parameters()).detach().clone()

@@ -117,3 +117,37 @@ def test_fork_noise_is_seeded_and_relative():
     rms = float((a - w).pow(2).mean().sqrt())
     assert math.isclose(rms, 0.3, rel_tol=0.05)
     assert torch.equal(perturb_weights(w, 0.0, torch.Generator()), w)
+
+
+@pytest.mark.parametrize("momentum, wd", [(0.0, 0.0), (0.9, 0.0), (0.8, 1e-3)])
+def test_sgd_step_matches_torch_sgd(momentum, wd):
+    from population.optim import sgd_step
+
+    a, b = build_model("mlp", 6, 3, (8,), seed=0), build_model("mlp", 6, 3, (8,), seed=0)
+    opt = torch.optim.SGD(b.parameters(), lr=0.1, momentum=momentum, weight_decay=wd)
+    params, bufs = list(a.parameters()), [None] * 4
+    x, y = torch.randn(20, 6, generator=torch.Generator().manual_seed(1)), torch.arange(20) % 3
+    for _ in range(5):
+        sgd_step(
+            params, torch.autograd.grad(torch.nn.functional.cross_entropy(a(x), y), params), bufs, 0.1, momentum, wd
+        )
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(b(x), y).backward()
+        opt.step()
+    assert torch.allclose(flat_weights(a), flat_weights(b), atol=1e-6)
+
+
+def test_adam_step_matches_torch_adam():
+    from population.optim import AdamState, adam_step
+
+    a, b = build_model("mlp", 6, 3, (8,), seed=0), build_model("mlp", 6, 3, (8,), seed=0)
+    opt = torch.optim.Adam(b.parameters(), lr=1e-2)
+    params = list(a.parameters())
+    state = AdamState(params)
+    x, y = torch.randn(20, 6, generator=torch.Generator().manual_seed(1)), torch.arange(20) % 3
+    for _ in range(7):
+        adam_step(params, torch.autograd.grad(torch.nn.functional.cross_entropy(a(x), y), params), state, 1e-2)
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(b(x), y).backward()
+        opt.step()
+    assert torch.allclose(flat_weights(a), flat_weights(b), atol=1e-6)

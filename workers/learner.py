@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from population.forking import perturb_weights
 from population.models import build_model, flat_weights, load_flat_weights
+from population.optim import sgd_step
 from workers.data import DataBundle, DataSpec, load_data
 from workers.niches import stream_batches
 
@@ -89,9 +90,9 @@ class GroupLearner:
         g = task.genome
         gen = torch.Generator().manual_seed(task.seed)
         model = load_flat_weights(self.model, perturb_weights(seed_weights, g.get("fork_noise", 0.0), gen))
-        opt = torch.optim.SGD(
-            model.parameters(), lr=g["lr"], momentum=g.get("momentum", 0.0), weight_decay=g.get("weight_decay", 0.0)
-        )
+        params = list(model.parameters())
+        bufs: list[torch.Tensor | None] = [None] * len(params)
+        lr, momentum, wd = g["lr"], g.get("momentum", 0.0), g.get("weight_decay", 0.0)
         result = LearnResult(task.variant_id, val_accuracy=float("nan"))
         correct = seen = 0
         batches = self.streams[task.niche % len(self.streams)]
@@ -111,9 +112,7 @@ class GroupLearner:
                     result.status = "diverged"
                     result.reason = f"loss exploded to {lv:.3g} at step {len(result.loss)} (first {result.loss[0]:.3g})"
                     break
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+                sgd_step(params, torch.autograd.grad(loss, params), bufs, lr, momentum, wd)
                 result.loss.append(lv)
                 result.preq_accuracy.append(correct / seen)
             result.epoch_ends.append(len(result.loss))
