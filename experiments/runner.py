@@ -135,6 +135,7 @@ class PopulationRun:
             self.cfg.data.batch_size,
             torch_threads=self.cfg.run.torch_threads,
             n_workers=self.cfg.run.workers,
+            plan=self.data.plan,
         )
         if hasattr(pool, "node_ids"):
             pool.node_ids()  # wait for the actors, so their start counts as start-up

@@ -144,3 +144,24 @@ def test_split_tasks_balances_cost_and_keeps_every_task_once():
     assert max(loads) - min(loads) <= 3  # an equal-count split would give 154 vs 53
     assert all([t.variant_id for t in g] == sorted((t.variant_id for t in g), key=lambda s: int(s[1:])) for g in groups)
     assert split_tasks(tasks, 2) == groups and len(split_tasks(tasks[:1], 4)) == 1
+
+
+def test_digits_read_from_the_shipped_file_equal_load_digits():
+    from workers.data import _load_digits
+
+    x, y = _load_digits()
+    d = load_digits()
+    assert np.array_equal(x, (d.data / 16.0).astype(np.float32)) and np.array_equal(y, d.target)
+
+
+def test_a_given_plan_rebuilds_the_same_bundle():
+    from workers.data import _BUNDLES
+
+    spec = DataSpec(n_niches=5, alpha=1.0, seed=3)
+    a = load_data(spec)
+    _BUNDLES.clear()
+    b = load_data(spec, a.plan)
+    assert b.plan is a.plan
+    assert np.array_equal(a.x_pool, b.x_pool) and all(
+        np.array_equal(p, q) for p, q in zip(a.niches, b.niches, strict=True)
+    )

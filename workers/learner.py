@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from population.forking import perturb_weights
 from population.models import build_model, flat_weights, load_flat_weights
 from population.optim import sgd_step
-from workers.data import DataBundle, DataSpec, load_data
+from workers.data import DataBundle, DataSpec, SplitPlan, load_data
 from workers.niches import stream_batches
 
 # A loss this many times its first value means the variant has diverged, NaN or not.
@@ -62,9 +62,16 @@ class LearnResult:
 class GroupLearner:
     """Hosts a group of variants of one model spec on one data set (in a process or an actor)."""
 
-    def __init__(self, data_spec: DataSpec, model_spec: ModelSpec, batch_size: int, torch_threads: int = 1):
+    def __init__(
+        self,
+        data_spec: DataSpec,
+        model_spec: ModelSpec,
+        batch_size: int,
+        torch_threads: int = 1,
+        plan: SplitPlan | None = None,
+    ):
         torch.set_num_threads(torch_threads)
-        self.data: DataBundle = load_data(data_spec)
+        self.data: DataBundle = load_data(data_spec, plan)
         self.batch_size = batch_size
         self.model = build_model(model_spec.family, self.data.n_features, self.data.n_classes, model_spec.hidden)
         self.x_pool = torch.from_numpy(self.data.x_pool)

@@ -8,7 +8,7 @@ from typing import Protocol
 
 import torch
 
-from workers.data import DataSpec
+from workers.data import DataSpec, SplitPlan
 from workers.learner import ForkTask, GroupLearner, LearnResult, ModelSpec
 
 
@@ -39,8 +39,15 @@ class LocalPool:
 
     n_workers = 1
 
-    def __init__(self, data_spec: DataSpec, model_spec: ModelSpec, batch_size: int, torch_threads: int = 1):
-        self.learner = GroupLearner(data_spec, model_spec, batch_size, torch_threads)
+    def __init__(
+        self,
+        data_spec: DataSpec,
+        model_spec: ModelSpec,
+        batch_size: int,
+        torch_threads: int = 1,
+        plan: SplitPlan | None = None,
+    ):
+        self.learner = GroupLearner(data_spec, model_spec, batch_size, torch_threads, plan)
         self.stats = PoolStats()
 
     def learn(self, seed_weights: torch.Tensor, tasks: list[ForkTask]) -> tuple[torch.Tensor, list[LearnResult]]:
@@ -66,14 +73,15 @@ def make_pool(
     torch_threads: int = 1,
     n_workers: int | None = None,
     cpus_per_worker: float = 1.0,
+    plan: SplitPlan | None = None,
 ) -> Pool:
     """A pool for ``backend``; Ray is imported only when asked for."""
     if backend == "local":
-        return LocalPool(data_spec, model_spec, batch_size, torch_threads)
+        return LocalPool(data_spec, model_spec, batch_size, torch_threads, plan)
     if backend == "ray":
         try:
             from workers.ray_pool import RayPool
         except ImportError as e:  # pragma: no cover - ray is a declared dependency
             raise RuntimeError(f"backend 'ray' needs Ray ({e}); pip install 'ray' or use run.backend=local") from None
-        return RayPool(data_spec, model_spec, batch_size, torch_threads, n_workers, cpus_per_worker)
+        return RayPool(data_spec, model_spec, batch_size, torch_threads, n_workers, cpus_per_worker, plan=plan)
     raise ValueError(f"unknown run.backend {backend!r}; use one of {BACKENDS}")

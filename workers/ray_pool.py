@@ -9,7 +9,7 @@ import time
 import ray
 import torch
 
-from workers.data import DataSpec
+from workers.data import DataSpec, SplitPlan
 from workers.learner import ForkTask, GroupLearner, LearnResult, ModelSpec, split_tasks
 from workers.pool import PoolStats
 
@@ -30,8 +30,10 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
 class LearnerActor:
     """A Ray actor around :class:`GroupLearner`; returns weights and metrics, never logs."""
 
-    def __init__(self, data_spec: DataSpec, model_spec: ModelSpec, batch_size: int, torch_threads: int):
-        self.learner = GroupLearner(data_spec, model_spec, batch_size, torch_threads)
+    def __init__(
+        self, data_spec: DataSpec, model_spec: ModelSpec, batch_size: int, torch_threads: int, plan: SplitPlan | None
+    ):
+        self.learner = GroupLearner(data_spec, model_spec, batch_size, torch_threads, plan)
 
     def ping(self) -> str:
         return ray.get_runtime_context().get_node_id()
@@ -57,6 +59,7 @@ class RayPool:
         n_workers: int | None = None,
         cpus_per_worker: float = 1.0,
         address: str | None = None,
+        plan: SplitPlan | None = None,
     ):
         ensure_ray(address)
         if n_workers is None:
@@ -65,7 +68,7 @@ class RayPool:
         self.n_workers = n_workers
         opts = {"num_cpus": cpus_per_worker}
         self.actors = [
-            LearnerActor.options(**opts).remote(data_spec, model_spec, batch_size, torch_threads)
+            LearnerActor.options(**opts).remote(data_spec, model_spec, batch_size, torch_threads, plan)
             for _ in range(n_workers)
         ]
         self._ready = [a.ping.remote() for a in self.actors]
