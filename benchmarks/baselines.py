@@ -40,7 +40,8 @@ def main() -> None:
     torch.set_num_threads(1)
     cfg = load_config(args.config)
     run = PopulationRun(cfg, progress=False)
-    learner = GroupLearner(run.data_spec, run.model_spec, cfg.data.batch_size)
+    run.load_data()
+    learner = GroupLearner(run.learner_spec())
     d = learner.data
     x_test, y_test = torch.from_numpy(d.x_test), torch.from_numpy(d.y_test)
     sizes = torch.tensor([len(n) for n in d.niches], dtype=torch.float32)
@@ -67,7 +68,7 @@ def main() -> None:
         )
         # Centralized: the same model on all niches pooled, as one niche, for the same epochs in total.
         t0 = time.perf_counter()
-        central = GroupLearner(run.data_spec, run.model_spec, cfg.data.batch_size)
+        central = GroupLearner(run.learner_spec())
         pooled = np.random.default_rng(seed).permutation(np.concatenate(d.niches))
         central.streams = [stream_batches(pooled, cfg.data.batch_size)]
         w0 = flat_weights(build_model(cfg.model.family, d.n_features, d.n_classes, cfg.model.hidden, seed))

@@ -22,7 +22,7 @@ from population.models import build_model, flat_weights
 from population.variant import Origin, Variant
 from selection import accuracy_of, distill, ensemble_accuracy, inherit_genome, mutate_genome, select, student_init
 from workers.data import DataSpec, load_data
-from workers.learner import ForkTask, LearnResult, ModelSpec
+from workers.learner import ForkTask, LearnerSpec, LearnResult, ModelSpec
 from workers.pool import Pool, make_pool
 
 
@@ -112,6 +112,11 @@ class PopulationRun:
         """Load (and so check) the data; a bad path or partition fails before Ray or MLflow start."""
         self.data = load_data(self.data_spec)
 
+    def learner_spec(self) -> LearnerSpec:
+        return LearnerSpec(
+            self.data_spec, self.model_spec, self.cfg.data.batch_size, self.cfg.run.torch_threads, self.data.plan
+        )
+
     def _start_tracker(self) -> Tracker:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.yaml").write_text(config_to_yaml(self.cfg))
@@ -128,15 +133,7 @@ class PopulationRun:
             from workers.ray_pool import ensure_ray
 
             ensure_ray(self.address, self.cfg.run.num_cpus)
-        pool = make_pool(
-            self.cfg.run.backend,
-            self.data_spec,
-            self.model_spec,
-            self.cfg.data.batch_size,
-            torch_threads=self.cfg.run.torch_threads,
-            n_workers=self.cfg.run.workers,
-            plan=self.data.plan,
-        )
+        pool = make_pool(self.cfg.run.backend, self.learner_spec(), n_workers=self.cfg.run.workers)
         if hasattr(pool, "node_ids"):
             pool.node_ids()  # wait for the actors, so their start counts as start-up
         return pool

@@ -27,10 +27,10 @@ def test_ray_pool_places_groups_on_actors(ray_session):
     import torch
 
     from population import build_model, flat_weights
-    from workers import DataSpec, ForkTask, ModelSpec
+    from workers import DataSpec, ForkTask, LearnerSpec, ModelSpec
     from workers.ray_pool import RayPool
 
-    pool = RayPool(DataSpec(n_niches=4), ModelSpec("mlp", (16,)), 16, n_workers=2)
+    pool = RayPool(LearnerSpec(DataSpec(n_niches=4), ModelSpec("mlp", (16,)), 16), n_workers=2)
     try:
         assert len(pool.node_ids()) == 2
         w0 = flat_weights(build_model("mlp", 64, 10, (16,)))

@@ -5,7 +5,17 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
 from population import build_model, flat_weights
-from workers import DataError, DataSpec, ForkTask, GroupLearner, ModelSpec, load_data, partition, stream_batches
+from workers import (
+    DataError,
+    DataSpec,
+    ForkTask,
+    GroupLearner,
+    LearnerSpec,
+    ModelSpec,
+    load_data,
+    partition,
+    stream_batches,
+)
 
 
 def _labels(n=600, k=10, seed=0):
@@ -88,7 +98,7 @@ def test_user_files_load_and_bad_ones_say_why(tmp_path):
 
 
 def _learner():
-    return GroupLearner(DataSpec(n_niches=8, alpha=0.5), ModelSpec("mlp", (32,)), batch_size=16)
+    return GroupLearner(LearnerSpec(DataSpec(n_niches=8, alpha=0.5), ModelSpec("mlp", (32,)), batch_size=16))
 
 
 def _seed_weights(learner):

@@ -1,7 +1,7 @@
 """Data, niches and the online learners, hosted in-process or on Ray actors."""
 
 from workers.data import DataBundle, DataError, DataSpec, load_data
-from workers.learner import ForkTask, GroupLearner, LearnResult, ModelSpec
+from workers.learner import ForkTask, GroupLearner, LearnerSpec, LearnResult, ModelSpec
 from workers.niches import partition, stream_batches
 from workers.pool import BACKENDS, LocalPool, Pool, make_pool
 
@@ -12,6 +12,7 @@ __all__ = [
     "DataSpec",
     "ForkTask",
     "GroupLearner",
+    "LearnerSpec",
     "LearnResult",
     "LocalPool",
     "ModelSpec",

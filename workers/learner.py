@@ -26,6 +26,20 @@ class ModelSpec:
 
 
 @dataclass(frozen=True)
+class LearnerSpec:
+    """What every learner of a run shares: data, model, stream batch size, threads.
+
+    ``plan`` is the driver's split of the data, so workers need not derive it again.
+    """
+
+    data: DataSpec
+    model: ModelSpec = ModelSpec()
+    batch_size: int = 16
+    torch_threads: int = 1
+    plan: SplitPlan | None = field(default=None, compare=False)
+
+
+@dataclass(frozen=True)
 class ForkTask:
     """The plan for one variant: who it is, what it learns from, with which recipe.
 
@@ -62,23 +76,16 @@ class LearnResult:
 class GroupLearner:
     """Hosts a group of variants of one model spec on one data set (in a process or an actor)."""
 
-    def __init__(
-        self,
-        data_spec: DataSpec,
-        model_spec: ModelSpec,
-        batch_size: int,
-        torch_threads: int = 1,
-        plan: SplitPlan | None = None,
-    ):
-        torch.set_num_threads(torch_threads)
-        self.data: DataBundle = load_data(data_spec, plan)
-        self.batch_size = batch_size
-        self.model = build_model(model_spec.family, self.data.n_features, self.data.n_classes, model_spec.hidden)
+    def __init__(self, spec: LearnerSpec):
+        torch.set_num_threads(spec.torch_threads)
+        self.data: DataBundle = load_data(spec.data, spec.plan)
+        self.batch_size = spec.batch_size
+        self.model = build_model(spec.model.family, self.data.n_features, self.data.n_classes, spec.model.hidden)
         self.x_pool = torch.from_numpy(self.data.x_pool)
         self.y_pool = torch.from_numpy(self.data.y_pool)
         self.x_val = torch.from_numpy(self.data.x_val)
         self.y_val = torch.from_numpy(self.data.y_val)
-        self.streams = [stream_batches(n, batch_size) for n in self.data.niches]
+        self.streams = [stream_batches(n, spec.batch_size) for n in self.data.niches]
 
     def learn(self, seed_weights: torch.Tensor, tasks: list[ForkTask]) -> tuple[torch.Tensor, list[LearnResult]]:
         """Fork ``seed_weights`` into each task's variant and learn online on its niche.

@@ -8,8 +8,7 @@ from typing import Protocol
 
 import torch
 
-from workers.data import DataSpec, SplitPlan
-from workers.learner import ForkTask, GroupLearner, LearnResult, ModelSpec
+from workers.learner import ForkTask, GroupLearner, LearnerSpec, LearnResult
 
 
 @dataclass
@@ -39,15 +38,8 @@ class LocalPool:
 
     n_workers = 1
 
-    def __init__(
-        self,
-        data_spec: DataSpec,
-        model_spec: ModelSpec,
-        batch_size: int,
-        torch_threads: int = 1,
-        plan: SplitPlan | None = None,
-    ):
-        self.learner = GroupLearner(data_spec, model_spec, batch_size, torch_threads, plan)
+    def __init__(self, spec: LearnerSpec):
+        self.learner = GroupLearner(spec)
         self.stats = PoolStats()
 
     def learn(self, seed_weights: torch.Tensor, tasks: list[ForkTask]) -> tuple[torch.Tensor, list[LearnResult]]:
@@ -66,22 +58,18 @@ BACKENDS = ("local", "ray")
 
 def make_pool(
     backend: str,
-    data_spec: DataSpec,
-    model_spec: ModelSpec,
-    batch_size: int,
+    spec: LearnerSpec,
     *,
-    torch_threads: int = 1,
     n_workers: int | None = None,
     cpus_per_worker: float = 1.0,
-    plan: SplitPlan | None = None,
 ) -> Pool:
     """A pool for ``backend``; Ray is imported only when asked for."""
     if backend == "local":
-        return LocalPool(data_spec, model_spec, batch_size, torch_threads, plan)
+        return LocalPool(spec)
     if backend == "ray":
         try:
             from workers.ray_pool import RayPool
         except ImportError as e:  # pragma: no cover - ray is a declared dependency
             raise RuntimeError(f"backend 'ray' needs Ray ({e}); pip install 'ray' or use run.backend=local") from None
-        return RayPool(data_spec, model_spec, batch_size, torch_threads, n_workers, cpus_per_worker, plan=plan)
+        return RayPool(spec, n_workers, cpus_per_worker)
     raise ValueError(f"unknown run.backend {backend!r}; use one of {BACKENDS}")

@@ -9,8 +9,7 @@ import time
 import ray
 import torch
 
-from workers.data import DataSpec, SplitPlan
-from workers.learner import ForkTask, GroupLearner, LearnResult, ModelSpec, split_tasks
+from workers.learner import ForkTask, GroupLearner, LearnerSpec, LearnResult, split_tasks
 from workers.pool import PoolStats
 
 
@@ -30,10 +29,8 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
 class LearnerActor:
     """A Ray actor around :class:`GroupLearner`; returns weights and metrics, never logs."""
 
-    def __init__(
-        self, data_spec: DataSpec, model_spec: ModelSpec, batch_size: int, torch_threads: int, plan: SplitPlan | None
-    ):
-        self.learner = GroupLearner(data_spec, model_spec, batch_size, torch_threads, plan)
+    def __init__(self, spec: LearnerSpec):
+        self.learner = GroupLearner(spec)
 
     def ping(self) -> str:
         return ray.get_runtime_context().get_node_id()
@@ -52,14 +49,10 @@ class RayPool:
 
     def __init__(
         self,
-        data_spec: DataSpec,
-        model_spec: ModelSpec,
-        batch_size: int,
-        torch_threads: int = 1,
+        spec: LearnerSpec,
         n_workers: int | None = None,
         cpus_per_worker: float = 1.0,
         address: str | None = None,
-        plan: SplitPlan | None = None,
     ):
         ensure_ray(address)
         if n_workers is None:
@@ -67,10 +60,7 @@ class RayPool:
             n_workers = max(1, int(cpus // max(cpus_per_worker, 1e-9)))
         self.n_workers = n_workers
         opts = {"num_cpus": cpus_per_worker}
-        self.actors = [
-            LearnerActor.options(**opts).remote(data_spec, model_spec, batch_size, torch_threads, plan)
-            for _ in range(n_workers)
-        ]
+        self.actors = [LearnerActor.options(**opts).remote(spec) for _ in range(n_workers)]
         self._ready = [a.ping.remote() for a in self.actors]
         self.stats = PoolStats()
 
