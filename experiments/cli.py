@@ -55,8 +55,6 @@ def cmd_run(args: argparse.Namespace) -> int:
         summary = run.run()
     except (DataError, CheckpointError, TrackingError) as e:
         return _fail(str(e))
-    except ValueError as e:  # a setting the schema cannot see (e.g. a partition that cannot be made)
-        return _fail(str(e).splitlines()[0])
     except KeyboardInterrupt:
         return _fail("interrupted; the MLflow run is marked KILLED and checkpoints up to the last generation are kept")
 
