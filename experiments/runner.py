@@ -133,10 +133,7 @@ class PopulationRun:
             from workers.ray_pool import ensure_ray
 
             ensure_ray(self.address, self.cfg.run.num_cpus)
-        pool = make_pool(self.cfg.run.backend, self.learner_spec(), n_workers=self.cfg.run.workers)
-        if hasattr(pool, "node_ids"):
-            pool.node_ids()  # wait for the actors, so their start counts as start-up
-        return pool
+        return make_pool(self.cfg.run.backend, self.learner_spec(), n_workers=self.cfg.run.workers)
 
     # -- the loop ----------------------------------------------------------------------------
     def run(self) -> RunSummary:
@@ -149,7 +146,7 @@ class PopulationRun:
         status = "FAILED"
         try:
             pool = self._start_pool()
-            if hasattr(pool, "node_ids"):
+            if hasattr(pool, "node_ids"):  # waits for the actors, so their start counts as start-up
                 tracker.set_tags({"forkpop.ray_nodes": ",".join(sorted(set(pool.node_ids())))})
             self.startup_seconds = time.perf_counter() - t_start
             summary = self._loop(pool, tracker, t_start)

@@ -62,6 +62,13 @@ def flat_weights(model: nn.Module) -> torch.Tensor:
     return torch.nn.utils.parameters_to_vector(model.parameters()).detach().clone()
 
 
+@torch.no_grad()
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    """Share of rows of ``x`` ``(n, n_features)`` whose argmax prediction equals ``y`` ``(n,)``."""
+    model.eval()
+    return float((model(x).argmax(1) == y).float().mean())
+
+
 def load_flat_weights(model: nn.Module, flat: torch.Tensor) -> nn.Module:
     """Copy a vector from :func:`flat_weights` into ``model`` in place."""
     torch.nn.utils.vector_to_parameters(flat.to(next(model.parameters()).dtype), model.parameters())

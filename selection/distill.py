@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from population.models import load_flat_weights
+from population.models import accuracy, flat_weights, load_flat_weights
 from population.optim import AdamState, adam_step
 from selection.aggregate import AGGREGATORS, class_precision
 
@@ -105,13 +105,12 @@ def distill(
         adam_step(params, torch.autograd.grad(loss, params), adam, lr)
         losses.append(float(loss.detach()))
         if keep and (step % eval_every == 0 or step == steps):
-            w = torch.nn.utils.parameters_to_vector(model.parameters()).detach().clone()
-            acc = accuracy_of(model, w, *probe)
+            acc = accuracy(model, *probe)
             if acc >= best_acc:
-                best_w, best_acc = w, acc
+                best_w, best_acc = flat_weights(model), acc
     if keep:
         return best_w, losses
-    return torch.nn.utils.parameters_to_vector(model.parameters()).detach().clone(), losses
+    return flat_weights(model), losses
 
 
 @torch.no_grad()
@@ -121,8 +120,6 @@ def ensemble_accuracy(model: nn.Module, members: torch.Tensor, x: torch.Tensor, 
     return float((probs.argmax(1) == y).float().mean())
 
 
-@torch.no_grad()
 def accuracy_of(model: nn.Module, weights: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> float:
-    load_flat_weights(model, weights)
-    model.eval()
-    return float((model(x).argmax(1) == y).float().mean())
+    """Accuracy of ``model`` carrying ``weights`` ``(n_params,)``."""
+    return accuracy(load_flat_weights(model, weights), x, y)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from population.forking import perturb_weights
-from population.models import build_model, flat_weights, load_flat_weights
+from population.models import accuracy, build_model, flat_weights, load_flat_weights
 from population.optim import sgd_step
 from workers.data import DataBundle, DataSpec, SplitPlan, load_data
 from workers.niches import stream_batches
@@ -140,12 +140,6 @@ class GroupLearner:
             result.val_accuracy = accuracy(model, self.x_val, self.y_val)
         result.seconds = time.perf_counter() - t0
         return w, result
-
-
-@torch.no_grad()
-def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    model.eval()
-    return float((model(x).argmax(1) == y).float().mean())
 
 
 def split_tasks(tasks: list[ForkTask], n_groups: int) -> list[list[ForkTask]]:
