@@ -13,10 +13,8 @@ from population.forking import perturb_weights
 from population.models import accuracy, build_model, flat_weights, load_flat_weights
 from population.optim import sgd_step
 from workers.data import DataBundle, DataSpec, SplitPlan, load_data
+from workers.engine import EXPLODED, BatchedEngine, EnginePlan, plan_engine, resolve_device
 from workers.niches import stream_batches
-
-# A loss this many times its first value means the variant has diverged, NaN or not.
-EXPLODED = 100.0
 
 
 @dataclass(frozen=True)
@@ -30,12 +28,17 @@ class LearnerSpec:
     """What every learner of a run shares: data, model, stream batch size, threads.
 
     ``plan`` is the driver's split of the data, so workers need not derive it again.
+    ``engine`` is ``batched`` (the group learns as one stacked step, see
+    :mod:`workers.engine`; models it cannot batch fall back to the loop) or ``loop`` (one
+    variant after another); ``device`` is ``auto`` (CUDA when visible), ``cpu`` or ``cuda``.
     """
 
     data: DataSpec
     model: ModelSpec = ModelSpec()
     batch_size: int = 16
     torch_threads: int = 1
+    engine: str = "batched"
+    device: str = "auto"
     plan: SplitPlan | None = field(default=None, compare=False)
 
 
@@ -86,12 +89,28 @@ class GroupLearner:
         self.x_val = torch.from_numpy(self.data.x_val)
         self.y_val = torch.from_numpy(self.data.y_val)
         self.streams = [stream_batches(n, spec.batch_size) for n in self.data.niches]
+        self.plan = engine_plan(spec, self.model, self.data.n_features, self.data.n_classes)
+        self.engine: BatchedEngine | None = None
+        if self.plan.kind != "loop":
+            self.engine = BatchedEngine(
+                self.model,
+                self.plan,
+                self.x_pool,
+                self.y_pool,
+                self.x_val,
+                self.y_val,
+                self.streams,
+                spec.batch_size,
+                resolve_device(spec.device),
+            )
 
     def learn(self, seed_weights: torch.Tensor, tasks: list[ForkTask]) -> tuple[torch.Tensor, list[LearnResult]]:
         """Fork ``seed_weights`` into each task's variant and learn online on its niche.
 
         Returns the learned weights stacked ``(len(tasks), n_params)`` and one result per task.
         """
+        if self.engine is not None:
+            return self._learn_batched(seed_weights, tasks)
         flats, results = [], []
         for task in tasks:
             w, r = self._learn_one(seed_weights, task)
@@ -99,11 +118,49 @@ class GroupLearner:
             results.append(r)
         return torch.stack(flats) if flats else torch.empty(0, seed_weights.numel()), results
 
+    def fork(self, seed_weights: torch.Tensor, task: ForkTask) -> torch.Tensor:
+        """The task's variant at birth: the seed's weights with its own seeded fork noise."""
+        gen = torch.Generator().manual_seed(task.seed)
+        return perturb_weights(seed_weights, task.genome.get("fork_noise", 0.0), gen)
+
+    def _learn_batched(
+        self, seed_weights: torch.Tensor, tasks: list[ForkTask]
+    ) -> tuple[torch.Tensor, list[LearnResult]]:
+        assert self.engine is not None
+        t0 = time.perf_counter()
+        if not tasks:
+            return torch.empty(0, seed_weights.numel()), []
+        flats = torch.stack([self.fork(seed_weights, t) for t in tasks])
+        weights, records = self.engine.train(
+            flats,
+            niches=[t.niche for t in tasks],
+            epochs=[int(t.genome.get("epochs", 1)) for t in tasks],
+            lr=[t.genome["lr"] for t in tasks],
+            momentum=[t.genome.get("momentum", 0.0) for t in tasks],
+            weight_decay=[t.genome.get("weight_decay", 0.0) for t in tasks],
+        )
+        # The group learns as one; each variant is charged its share of the group's time.
+        share = (time.perf_counter() - t0) / len(tasks)
+        results = [
+            LearnResult(
+                t.variant_id,
+                val_accuracy=r.val_accuracy,
+                loss=r.loss,
+                preq_accuracy=r.preq_accuracy,
+                epoch_ends=r.epoch_ends,
+                samples=r.samples,
+                seconds=share,
+                status=r.status,
+                reason=r.reason,
+            )
+            for t, r in zip(tasks, records, strict=True)
+        ]
+        return weights, results
+
     def _learn_one(self, seed_weights: torch.Tensor, task: ForkTask) -> tuple[torch.Tensor, LearnResult]:
         t0 = time.perf_counter()
         g = task.genome
-        gen = torch.Generator().manual_seed(task.seed)
-        model = load_flat_weights(self.model, perturb_weights(seed_weights, g.get("fork_noise", 0.0), gen))
+        model = load_flat_weights(self.model, self.fork(seed_weights, task))
         params = list(model.parameters())
         bufs: list[torch.Tensor | None] = [None] * len(params)
         lr, momentum, wd = g["lr"], g.get("momentum", 0.0), g.get("weight_decay", 0.0)
@@ -140,6 +197,15 @@ class GroupLearner:
             result.val_accuracy = accuracy(model, self.x_val, self.y_val)
         result.seconds = time.perf_counter() - t0
         return w, result
+
+
+def engine_plan(spec: LearnerSpec, model: torch.nn.Module, n_features: int, n_classes: int) -> EnginePlan:
+    """How ``spec``'s model learns as a group: its batching plan, or ``loop`` when asked for."""
+    if spec.engine == "loop":
+        return EnginePlan("loop", "run.engine=loop")
+    if spec.engine != "batched":
+        raise ValueError(f"unknown run.engine {spec.engine!r}; use batched or loop")
+    return plan_engine(model, n_features, n_classes)
 
 
 def split_tasks(tasks: list[ForkTask], n_groups: int) -> list[list[ForkTask]]:
