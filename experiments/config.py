@@ -26,9 +26,17 @@ class RunConfig(_Strict):
     generations: int = Field(10, ge=1, description="Number of fork → learn → select → distill rounds.")
     backend: Literal["ray", "local"] = Field("ray", description="Where learners run: Ray actors or in-process.")
     address: str | None = Field(None, description="Ray cluster address; None starts a local Ray.")
-    workers: int | None = Field(None, ge=1, description="Number of Ray actors; None: one per CPU Ray reports.")
+    workers: int | None = Field(
+        None, ge=1, description="Number of Ray actors; None: one per GPU Ray reports, else one per CPU."
+    )
     num_cpus: int | None = Field(None, ge=1, description="CPUs for a locally started Ray; None: all.")
     torch_threads: int = Field(1, ge=1, description="Torch threads per learner process.")
+    engine: Literal["batched", "loop"] = Field(
+        "batched", description="batched: each actor's variants learn as one stacked step; loop: one by one."
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="Where learners compute: auto takes a GPU when Ray (or this process) has one."
+    )
     run_dir: str = Field("runs", description="Root folder of run directories (checkpoints, config).")
 
 

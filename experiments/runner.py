@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -23,7 +24,7 @@ from population.variant import Origin, Variant
 from selection import accuracy_of, distill, ensemble_accuracy, inherit_genome, mutate_genome, select, student_init
 from workers.data import DataSpec, load_data
 from workers.learner import ForkTask, LearnerSpec, LearnResult, ModelSpec
-from workers.pool import Pool, make_pool
+from workers.pool import Pool, make_pool, peak_rss_bytes
 
 
 @dataclass
@@ -67,6 +68,8 @@ class RunSummary:
     seed_val_accuracy: float
     history: list[dict[str, Any]]
     seconds: dict[str, float]
+    workers: list[dict[str, Any]] = field(default_factory=list)  # node, device, engine, peak_rss per worker
+    driver_peak_rss: int = 0
 
 
 def _seed_of(rng: np.random.Generator) -> int:
@@ -113,8 +116,15 @@ class PopulationRun:
         self.data = load_data(self.data_spec)
 
     def learner_spec(self) -> LearnerSpec:
+        run = self.cfg.run
         return LearnerSpec(
-            self.data_spec, self.model_spec, self.cfg.data.batch_size, self.cfg.run.torch_threads, self.data.plan
+            self.data_spec,
+            self.model_spec,
+            self.cfg.data.batch_size,
+            run.torch_threads,
+            self.data.plan,
+            engine=run.engine,
+            device=run.device,
         )
 
     def _start_tracker(self) -> Tracker:
@@ -146,10 +156,21 @@ class PopulationRun:
         status = "FAILED"
         try:
             pool = self._start_pool()
-            if hasattr(pool, "node_ids"):  # waits for the actors, so their start counts as start-up
-                tracker.set_tags({"forkpop.ray_nodes": ",".join(sorted(set(pool.node_ids())))})
+            workers = pool.describe()  # waits for the actors, so their start counts as start-up
+            tracker.set_tags(
+                {
+                    "forkpop.ray_nodes": ",".join(sorted({w["node"] for w in workers})),
+                    "forkpop.engine": ",".join(sorted({w["engine"] for w in workers})),
+                    "forkpop.device": ",".join(sorted({w["device"] for w in workers})),
+                }
+            )
+            fallback = next((w["reason"] for w in workers if w["engine"] == "loop"), None)
+            if fallback and self.cfg.run.engine == "batched":
+                print(f"forkpop: variants learn one by one: {fallback}", file=sys.stderr)
             self.startup_seconds = time.perf_counter() - t_start
             summary = self._loop(pool, tracker, t_start)
+            summary.workers = pool.describe()
+            summary.driver_peak_rss = peak_rss_bytes()
             status = "FINISHED"
             return summary
         except KeyboardInterrupt:

@@ -37,9 +37,9 @@ class LearnerSpec:
     model: ModelSpec = ModelSpec()
     batch_size: int = 16
     torch_threads: int = 1
+    plan: SplitPlan | None = field(default=None, compare=False)
     engine: str = "batched"
     device: str = "auto"
-    plan: SplitPlan | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)

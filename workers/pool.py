@@ -24,23 +24,46 @@ class PoolStats:
         return max(0.0, self.wall_seconds - self.compute_seconds)
 
 
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory so far, in bytes."""
+    import resource
+    import sys
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024)
+
+
 class Pool(Protocol):
     stats: PoolStats
     n_workers: int
 
     def learn(self, seed_weights: torch.Tensor, tasks: list[ForkTask]) -> tuple[torch.Tensor, list[LearnResult]]: ...
 
+    def describe(self) -> list[dict]: ...
+
     def close(self) -> None: ...
 
 
 class LocalPool:
-    """Runs the learner in this process, one variant after another: for debugging and tests."""
+    """Runs the learner in this process (one group, batched or loop): for debugging and tests."""
 
     n_workers = 1
 
     def __init__(self, spec: LearnerSpec):
         self.learner = GroupLearner(spec)
         self.stats = PoolStats()
+
+    def describe(self) -> list[dict]:
+        eng = self.learner.engine
+        return [
+            {
+                "node": "local",
+                "device": str(eng.device) if eng else "cpu",
+                "engine": self.learner.plan.kind,
+                "reason": self.learner.plan.reason,
+                "peak_rss": peak_rss_bytes(),
+            }
+        ]
 
     def learn(self, seed_weights: torch.Tensor, tasks: list[ForkTask]) -> tuple[torch.Tensor, list[LearnResult]]:
         t0 = time.perf_counter()

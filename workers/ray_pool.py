@@ -10,7 +10,7 @@ import ray
 import torch
 
 from workers.learner import ForkTask, GroupLearner, LearnerSpec, LearnResult, split_tasks
-from workers.pool import PoolStats
+from workers.pool import PoolStats, peak_rss_bytes
 
 
 def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
@@ -35,6 +35,16 @@ class LearnerActor:
     def ping(self) -> str:
         return ray.get_runtime_context().get_node_id()
 
+    def describe(self) -> dict:
+        """Where this actor computes and how: device, engine, peak memory (bytes)."""
+        return {
+            "node": ray.get_runtime_context().get_node_id(),
+            "device": str(self.learner.engine.device) if self.learner.engine else "cpu",
+            "engine": self.learner.plan.kind,
+            "reason": self.learner.plan.reason,
+            "peak_rss": peak_rss_bytes(),
+        }
+
     def learn(self, seed_weights: torch.Tensor, tasks: list[ForkTask]) -> tuple[torch.Tensor, list[LearnResult]]:
         return self.learner.learn(seed_weights, tasks)
 
@@ -42,9 +52,10 @@ class LearnerActor:
 class RayPool:
     """A fixed set of actors, started once and reused every generation.
 
-    Without ``n_workers`` there is one actor per CPU Ray reports (at most ``max_workers``).
-    The seed's weights go to the object store once per generation; each actor returns its
-    group's weights as one stacked tensor.
+    Without ``n_workers`` there is one actor per GPU Ray reports (when the spec's device
+    allows CUDA), else one per CPU. Each actor hosts its share of the population as one
+    batched group. The seed's weights go to the object store once per generation; each
+    actor returns its group's weights as one stacked tensor.
     """
 
     def __init__(
@@ -55,17 +66,30 @@ class RayPool:
         address: str | None = None,
     ):
         ensure_ray(address)
+        resources = ray.available_resources()
+        gpus = int(resources.get("GPU", 0)) if spec.device in ("auto", "cuda") else 0
+        if spec.device == "cuda" and gpus == 0:
+            raise ValueError("run.device=cuda but the Ray cluster reports no GPU; use run.device=auto or cpu")
         if n_workers is None:
-            cpus = int(ray.available_resources().get("CPU", 1))
-            n_workers = max(1, int(cpus // max(cpus_per_worker, 1e-9)))
+            if gpus:
+                n_workers = gpus
+            else:
+                cpus = int(resources.get("CPU", 1))
+                n_workers = max(1, int(cpus // max(cpus_per_worker, 1e-9)))
         self.n_workers = n_workers
-        opts = {"num_cpus": cpus_per_worker}
+        opts: dict = {"num_cpus": cpus_per_worker}
+        if gpus:
+            opts["num_gpus"] = min(1.0, gpus / n_workers)
         self.actors = [LearnerActor.options(**opts).remote(spec) for _ in range(n_workers)]
         self._ready = [a.ping.remote() for a in self.actors]
         self.stats = PoolStats()
 
     def node_ids(self) -> list[str]:
         return ray.get(self._ready)
+
+    def describe(self) -> list[dict]:
+        """Each actor's node, device, engine and peak memory."""
+        return ray.get([a.describe.remote() for a in self.actors])
 
     def learn(self, seed_weights: torch.Tensor, tasks: list[ForkTask]) -> tuple[torch.Tensor, list[LearnResult]]:
         t0 = time.perf_counter()
