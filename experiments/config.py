@@ -27,7 +27,10 @@ class RunConfig(_Strict):
     backend: Literal["ray", "local"] = Field("ray", description="Where learners run: Ray actors or in-process.")
     address: str | None = Field(None, description="Ray cluster address; None starts a local Ray.")
     workers: int | None = Field(
-        None, ge=1, description="Number of Ray actors; None: one per GPU Ray reports, else one per CPU."
+        None,
+        ge=1,
+        description="Number of Ray actors; None: one per GPU Ray reports, else one per CPU "
+        "(at most one per 64 variants with the batched engine).",
     )
     num_cpus: int | None = Field(None, ge=1, description="CPUs for a locally started Ray; None: all.")
     torch_threads: int = Field(1, ge=1, description="Torch threads per learner process.")

@@ -143,7 +143,12 @@ class PopulationRun:
             from workers.ray_pool import ensure_ray
 
             ensure_ray(self.address, self.cfg.run.num_cpus)
-        return make_pool(self.cfg.run.backend, self.learner_spec(), n_workers=self.cfg.run.workers)
+        return make_pool(
+            self.cfg.run.backend,
+            self.learner_spec(),
+            n_workers=self.cfg.run.workers,
+            n_variants=self.cfg.population.size,
+        )
 
     # -- the loop ----------------------------------------------------------------------------
     def run(self) -> RunSummary:

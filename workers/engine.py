@@ -67,19 +67,16 @@ _ACTIVATIONS = (nn.ReLU, nn.Tanh, nn.Sigmoid, nn.LeakyReLU, nn.Identity)
 def _linear_chain(model: nn.Module) -> list[nn.Module] | None:
     """The model as a list of Linear / activation layers, or None if it is not such a chain."""
     layers = list(model) if isinstance(model, nn.Sequential) else [model]
-    if not layers or not isinstance(layers[0], nn.Linear):
-        return None
     out: list[nn.Module] = []
     for m in layers:
-        if isinstance(m, (nn.Linear, *_ACTIVATIONS)):
-            out.append(m)
-        elif isinstance(m, nn.Flatten) and m.start_dim == 1 and m.end_dim == -1 and not out:
+        if isinstance(m, nn.Flatten) and m.start_dim == 1 and m.end_dim == -1 and not out:
             continue  # the engine's inputs are already flat feature vectors
-        elif isinstance(m, nn.Dropout) and m.p == 0:
+        if isinstance(m, nn.Dropout) and m.p == 0:
             continue
-        else:
+        if not isinstance(m, (nn.Linear, *_ACTIVATIONS)) or (not out and not isinstance(m, nn.Linear)):
             return None
-    return out
+        out.append(m)
+    return out or None
 
 
 def plan_engine(model: nn.Module, n_features: int, n_classes: int) -> EnginePlan:

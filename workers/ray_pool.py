@@ -25,6 +25,11 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         ray.init(num_cpus=num_cpus, _node_ip_address="127.0.0.1", **kwargs)
 
 
+# Measured on 2 cores (digits MLP, batch 16): 64 variants learn as fast in one actor as in
+# two; 128 learn 1.4x faster in two.
+VARIANTS_PER_CPU_WORKER = 64
+
+
 @ray.remote
 class LearnerActor:
     """A Ray actor around :class:`GroupLearner`; returns weights and metrics, never logs."""
@@ -53,7 +58,8 @@ class RayPool:
     """A fixed set of actors, started once and reused every generation.
 
     Without ``n_workers`` there is one actor per GPU Ray reports (when the spec's device
-    allows CUDA), else one per CPU. Each actor hosts its share of the population as one
+    allows CUDA), else one per CPU, but no more than one per ``VARIANTS_PER_CPU_WORKER``
+    variants when the engine is batched. Each actor hosts its share of the population as one
     batched group. The seed's weights go to the object store once per generation; each
     actor returns its group's weights as one stacked tensor.
     """
@@ -64,6 +70,7 @@ class RayPool:
         n_workers: int | None = None,
         cpus_per_worker: float = 1.0,
         address: str | None = None,
+        n_variants: int | None = None,
     ):
         ensure_ray(address)
         resources = ray.available_resources()
@@ -76,6 +83,10 @@ class RayPool:
             else:
                 cpus = int(resources.get("CPU", 1))
                 n_workers = max(1, int(cpus // max(cpus_per_worker, 1e-9)))
+                if n_variants is not None and spec.engine == "batched":
+                    # A batched group only fills a core from about this many variants on;
+                    # fewer actors then learn as fast and leave cores to the driver.
+                    n_workers = max(1, min(n_workers, n_variants // VARIANTS_PER_CPU_WORKER))
         self.n_workers = n_workers
         opts: dict = {"num_cpus": cpus_per_worker}
         if gpus:

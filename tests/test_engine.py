@@ -1,0 +1,136 @@
+"""The batched engine against the per-variant loop: same weights, curves and verdicts."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from population import build_model, flat_weights
+from population.models import MODEL_FAMILIES
+from workers import DataSpec, ForkTask, GroupLearner, LearnerSpec, ModelSpec
+from workers.engine import BatchedEngine, plan_engine, resolve_device
+
+DATA = DataSpec(n_niches=6, alpha=0.5)
+
+# Different learning rates, momenta, weight decays, epochs and niches (of different sizes,
+# with short last batches); the last one diverges.
+GENOMES = [
+    {"lr": 0.05, "momentum": 0.9, "weight_decay": 1e-5, "epochs": 3, "fork_noise": 0.01},
+    {"lr": 0.2, "momentum": 0.0, "weight_decay": 0.0, "epochs": 1, "fork_noise": 0.02},
+    {"lr": 0.01, "momentum": 0.5, "weight_decay": 1e-3, "epochs": 2, "fork_noise": 0.0},
+    {"lr": 0.1, "momentum": 0.8, "weight_decay": 1e-4, "epochs": 4, "fork_noise": 0.01},
+    {"lr": 0.03, "momentum": 0.95, "weight_decay": 1e-2, "epochs": 2, "fork_noise": 0.03},
+    {"lr": 1e3, "momentum": 0.99, "weight_decay": 0.0, "epochs": 5, "fork_noise": 0.0},
+]
+TASKS = [ForkTask(f"v{i}", (2 * i + 1) % 6, g, 100 + i) for i, g in enumerate(GENOMES)]
+
+
+def _learn(family, hidden, engine, tasks=TASKS):
+    learner = GroupLearner(LearnerSpec(DATA, ModelSpec(family, hidden), batch_size=16, engine=engine))
+    d = learner.data
+    w0 = flat_weights(build_model(family, d.n_features, d.n_classes, hidden, seed=3))
+    w, res = learner.learn(w0, tasks)
+    return learner, w, res
+
+
+def _assert_same(loop, batched, atol=2e-5):
+    (w1, r1), (w2, r2) = loop, batched
+    assert [r.variant_id for r in r1] == [r.variant_id for r in r2]
+    assert [r.status for r in r1] == [r.status for r in r2]
+    assert torch.allclose(w1, w2, atol=atol, rtol=1e-4), (w1 - w2).abs().max()
+    for a, b in zip(r1, r2, strict=True):
+        assert len(a.loss) == len(b.loss) and a.epoch_ends == b.epoch_ends and a.samples == b.samples
+        np.testing.assert_allclose(a.loss, b.loss, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(a.preq_accuracy, b.preq_accuracy, atol=1e-12)
+        if a.status == "ok":
+            assert a.val_accuracy == pytest.approx(b.val_accuracy, abs=1e-6)
+        else:
+            assert a.reason.split(" at step")[0] == b.reason.split(" at step")[0]
+            assert a.reason.split(" at step ")[1].split()[0] == b.reason.split(" at step ")[1].split()[0]
+
+
+@pytest.mark.parametrize(
+    "family,hidden,kind", [("mlp", (32,), "stacked"), ("mlp", (24, 16), "stacked"), ("linear", (), "stacked")]
+)
+def test_batched_engine_equals_the_loop(family, hidden, kind):
+    learner, *batched = _learn(family, hidden, "batched")
+    assert learner.plan.kind == kind
+    _, *loop = _learn(family, hidden, "loop")
+    _assert_same(loop, batched)
+    assert batched[1][-1].status == "diverged" and sum(r.status == "ok" for r in batched[1]) == 5
+
+
+def test_models_torch_func_batches_equal_the_loop():
+    """A conv net is no Linear chain: it goes through torch.func and still matches the loop."""
+    learner, *batched = _learn("cnn", (4, 8), "batched", TASKS[:3])
+    assert learner.plan.kind == "vmap"
+    _, *loop = _learn("cnn", (4, 8), "loop", TASKS[:3])
+    _assert_same(loop, batched, atol=5e-5)
+
+
+class _Activations(nn.Sequential):
+    def __init__(self, in_dim, n_classes, hidden=()):
+        super().__init__(
+            nn.Flatten(),
+            nn.Linear(in_dim, 20),
+            nn.Tanh(),
+            nn.Linear(20, 16),
+            nn.LeakyReLU(0.1),
+            nn.Linear(16, 12),
+            nn.Sigmoid(),
+            nn.Dropout(0.0),
+            nn.Linear(12, n_classes, bias=False),
+        )
+
+
+class _WithBatchNorm(nn.Module):
+    def __init__(self, in_dim, n_classes, hidden=()):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(in_dim, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, n_classes))
+
+    def forward(self, x):
+        return self.body(x)
+
+
+@pytest.fixture
+def extra_families():
+    MODEL_FAMILIES["_act"] = _Activations
+    MODEL_FAMILIES["_bn"] = _WithBatchNorm
+    yield
+    del MODEL_FAMILIES["_act"], MODEL_FAMILIES["_bn"]
+
+
+def test_every_supported_activation_batches_exactly(extra_families):
+    learner, *batched = _learn("_act", (), "batched", TASKS[:4])
+    assert learner.plan.kind == "stacked"
+    _, *loop = _learn("_act", (), "loop", TASKS[:4])
+    _assert_same(loop, batched)
+
+
+def test_a_model_with_buffers_falls_back_to_the_loop_and_says_why(extra_families):
+    plan = plan_engine(_WithBatchNorm(64, 10), 64, 10)
+    assert plan.kind == "loop" and "buffers" in plan.reason and "running_mean" in plan.reason
+    learner, w, res = _learn("_bn", (), "batched", TASKS[:2])
+    assert learner.engine is None and learner.plan.kind == "loop"
+    assert w.shape[0] == 2 and all(r.status == "ok" for r in res)
+    with pytest.raises(ValueError, match="cannot train this model"):
+        BatchedEngine(_WithBatchNorm(64, 10), plan, *[torch.zeros(1)] * 4, [], 16)
+
+
+def test_the_batched_engine_is_deterministic_and_order_free():
+    _, w1, r1 = _learn("mlp", (32,), "batched")
+    _, w2, r2 = _learn("mlp", (32,), "batched", TASKS[::-1])
+    assert torch.equal(w1, w2.flip(0))
+    assert [r.loss for r in r1] == [r.loss for r in r2[::-1]]
+
+
+def test_device_choice():
+    assert resolve_device("cpu") == torch.device("cpu")
+    if torch.cuda.is_available():
+        assert resolve_device("auto").type == "cuda"
+    else:
+        assert resolve_device("auto") == torch.device("cpu")
+        with pytest.raises(ValueError, match="no CUDA GPU"):
+            resolve_device("cuda")
+    with pytest.raises(ValueError, match="run.device"):
+        resolve_device("tpu")
