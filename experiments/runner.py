@@ -6,8 +6,10 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -196,6 +198,7 @@ class PopulationRun:
         model = build_model(self.model_spec.family, data.n_features, data.n_classes, self.model_spec.hidden)
         x_val, y_val = torch.from_numpy(data.x_val), torch.from_numpy(data.y_val)
         x_test, y_test = torch.from_numpy(data.x_test), torch.from_numpy(data.y_test)
+        self._test = (x_test, y_test)
         x_pool = torch.from_numpy(data.x_pool)
 
         init_rng = np.random.default_rng([cfg.run.seed, 2**31])
@@ -215,145 +218,131 @@ class PopulationRun:
         bar = _progress(cfg.run.generations, self.progress)
         last_teachers = torch.empty(0)
         last_best = seed_weights
-        for g in range(cfg.run.generations):
-            t_gen = time.perf_counter()
-            rng = np.random.default_rng([cfg.run.seed, g])
-            secs: dict[str, float] = {}
+        pending: Callable[[float | None], None] | None = None
+        try:
+            for g in range(cfg.run.generations):
+                t_gen = time.perf_counter()
+                rng = np.random.default_rng([cfg.run.seed, g])
+                secs: dict[str, float] = {}
 
-            # Fork: the plan (genomes, niches, noise seeds) is made here; workers execute it.
-            t0 = time.perf_counter()
-            forks, tasks = [], []
-            for i in range(cfg.population.size):
-                genome = mutate_genome(
-                    self.spec, seed.genome, _seed_of(rng), cfg.population.mutation_eta, cfg.population.mutation_indpb
-                )
-                v = Variant(f"g{g:02d}-v{i:03d}", genome, g, Origin.FORK, (seed.id,), i % cfg.n_niches)
-                forks.append(v)
-                cost = len(self.data.niches[v.niche]) * genome.get("epochs", 1.0)
-                tasks.append(ForkTask(v.id, v.niche, genome.as_dict(), _seed_of(rng), cost))
-            secs["plan"] = time.perf_counter() - t0
-
-            weights, results = pool.learn(seed_weights, tasks)
-            secs["learn"] = pool.stats.wall_seconds
-            secs["learn_compute"] = pool.stats.compute_seconds
-            secs["ray_overhead"] = pool.stats.overhead_seconds if cfg.run.backend == "ray" else 0.0
-
-            # Select: fitness is validation accuracy; diverged variants have none.
-            t0 = time.perf_counter()
-            fitness = [r.val_accuracy if r.status == "ok" else float("nan") for r in results]
-            ok = [i for i, f in enumerate(fitness) if math.isfinite(f)]
-            for v in forks:
-                lineage.add(v)
-            teachers_idx = select(
-                fitness, cfg.n_teachers, cfg.selection.method, _seed_of(rng), cfg.selection.tournament_size
-            )
-            secs["select"] = time.perf_counter() - t0
-
-            t0 = time.perf_counter()
-            best_test = ens_test = float("nan")
-            student_val = float("nan")
-            accepted = False
-            if teachers_idx:
-                tw = weights[teachers_idx]
-                tf = [fitness[i] for i in teachers_idx]
-                if cfg.distill.transfer == "all":
-                    transfer = x_pool
-                else:
-                    idx = np.concatenate([data.niches[forks[i].niche] for i in teachers_idx])
-                    transfer = x_pool[torch.from_numpy(np.sort(idx))]
-                init = student_init(
-                    cfg.distill.init, seed_weights, tw, tf, [len(data.niches[forks[i].niche]) for i in teachers_idx]
-                )
-                student_weights, _ = distill(
-                    model,
-                    init,
-                    tw,
-                    tf,
-                    transfer,
-                    temperature=cfg.distill.temperature,
-                    steps=cfg.distill.steps,
-                    lr=cfg.distill.lr,
-                    batch_size=cfg.distill.batch_size,
-                    aggregate=cfg.distill.aggregate,
-                    generator=torch.Generator().manual_seed(_seed_of(rng)),
-                    probe=(x_val, y_val),
-                    eval_every=cfg.distill.eval_every,
-                )
-                secs["distill"] = time.perf_counter() - t0
+                # Fork: the plan (genomes, niches, noise seeds) is made here; workers execute it.
                 t0 = time.perf_counter()
-                student_val = accuracy_of(model, student_weights, x_val, y_val)
-                accepted = not cfg.distill.elitism or student_val >= seed_val
-                genome = inherit_genome(
-                    self.spec, [forks[i].genome for i in teachers_idx], tf, cfg.selection.inherit, _seed_of(rng)
-                )
-                student = Variant(
-                    f"g{g + 1:02d}-seed",
-                    genome,
-                    g + 1,
-                    Origin.DISTILL,
-                    tuple(forks[i].id for i in teachers_idx),
-                )
-                lineage.add(student)
-                student_test = accuracy_of(model, student_weights, x_test, y_test)
-                tracker.log_variant(
-                    student,
-                    {"val_accuracy": student_val, "test_accuracy": student_test},
-                    tags={"forkpop.accepted": str(accepted).lower()},
-                )
-                if accepted:  # otherwise the old seed carries on and the next forks descend from it
-                    seed, seed_weights, seed_val = student, student_weights, student_val
-                best_test = accuracy_of(model, tw[0], x_test, y_test)
-                ens_test = ensemble_accuracy(model, tw, x_test, y_test)
-                last_teachers, last_best = tw, tw[0]
-            else:
-                secs["distill"] = time.perf_counter() - t0
+                forks, tasks = [], []
+                for i in range(cfg.population.size):
+                    genome = mutate_genome(
+                        self.spec,
+                        seed.genome,
+                        _seed_of(rng),
+                        cfg.population.mutation_eta,
+                        cfg.population.mutation_indpb,
+                    )
+                    v = Variant(f"g{g:02d}-v{i:03d}", genome, g, Origin.FORK, (seed.id,), i % cfg.n_niches)
+                    forks.append(v)
+                    cost = len(self.data.niches[v.niche]) * genome.get("epochs", 1.0)
+                    tasks.append(ForkTask(v.id, v.niche, genome.as_dict(), _seed_of(rng), cost))
+                secs["plan"] = time.perf_counter() - t0
+
+                # Learn. While the workers learn, the driver reports the previous generation.
                 t0 = time.perf_counter()
-            seed_test = accuracy_of(model, seed_weights, x_test, y_test)
-            secs["evaluate"] = time.perf_counter() - t0
+                handle = pool.submit(seed_weights, tasks)
+                if pending is not None:
+                    report, pending = pending, None
+                    report(t_gen)
+                weights, results = pool.collect(handle)
+                secs["learn"] = time.perf_counter() - t0
+                secs["learn_compute"] = pool.stats.compute_seconds
+                secs["ray_overhead"] = (
+                    max(0.0, secs["learn"] - secs["learn_compute"]) if cfg.run.backend == "ray" else 0.0
+                )
 
-            t0 = time.perf_counter()
-            teacher_ids = {forks[i].id for i in teachers_idx}
-            curves = {r.variant_id: {"preq_accuracy": r.preq_accuracy, "loss": r.loss} for r in results}
-            tracker.log_text(json.dumps(curves), f"steps/gen-{g:04d}.json")
-            for v, r in zip(forks, results, strict=True):
-                tags = {"forkpop.status": r.status, "forkpop.teacher": str(v.id in teacher_ids).lower()}
-                if r.reason:
-                    tags["forkpop.reason"] = r.reason
-                steps = _step_metrics(r, cfg.tracking.step_metrics)
-                final = {"samples": r.samples, "learn_seconds": r.seconds}
-                if math.isfinite(r.val_accuracy):
-                    final["val_accuracy"] = r.val_accuracy
-                if r.preq_accuracy:
-                    final["preq_accuracy_final"] = r.preq_accuracy[-1]
-                tracker.log_variant(v, final, steps, tags)
-            secs["tracking"] = time.perf_counter() - t0
+                # Select: fitness is validation accuracy; diverged variants have none.
+                t0 = time.perf_counter()
+                fitness = [r.val_accuracy if r.status == "ok" else float("nan") for r in results]
+                for v in forks:
+                    lineage.add(v)
+                teachers_idx = select(
+                    fitness, cfg.n_teachers, cfg.selection.method, _seed_of(rng), cfg.selection.tournament_size
+                )
+                secs["select"] = time.perf_counter() - t0
 
-            t0 = time.perf_counter()
-            fin = [fitness[i] for i in ok]
-            rec = GenerationRecord(
-                generation=g,
-                seed_id=seed.id,
-                seed_val_accuracy=seed_val,
-                seed_test_accuracy=seed_test,
-                best_fitness=max(fin, default=float("nan")),
-                mean_fitness=float(np.mean(fin)) if fin else float("nan"),
-                best_individual_test_accuracy=best_test,
-                ensemble_test_accuracy=ens_test,
-                student_val_accuracy=student_val,
-                student_accepted=accepted,
-                diverged=len(results) - len(ok),
-                teachers=sorted(teacher_ids),
-            )
-            self._checkpoint(g, seed, seed_weights, seed_val, forks, lineage, rng)
-            secs["checkpoint"] = time.perf_counter() - t0
-            secs["generation"] = time.perf_counter() - t_gen
-            rec.seconds = secs
-            tracker.log_generation(g, rec.metrics())
-            history.append(rec)
-            for k, v in secs.items():
-                totals[k] = totals.get(k, 0.0) + v
-            bar.update(1)
-            bar.set_postfix(seed_val=f"{seed_val:.3f}", seed_test=f"{seed_test:.3f}", best=f"{rec.best_fitness:.3f}")
+                t0 = time.perf_counter()
+                student = None
+                student_weights = tw = None
+                student_val = float("nan")
+                accepted = False
+                if teachers_idx:
+                    tw = weights[teachers_idx]
+                    tf = [fitness[i] for i in teachers_idx]
+                    if cfg.distill.transfer == "all":
+                        transfer = x_pool
+                    else:
+                        idx = np.concatenate([data.niches[forks[i].niche] for i in teachers_idx])
+                        transfer = x_pool[torch.from_numpy(np.sort(idx))]
+                    init = student_init(
+                        cfg.distill.init, seed_weights, tw, tf, [len(data.niches[forks[i].niche]) for i in teachers_idx]
+                    )
+                    student_weights, _ = distill(
+                        model,
+                        init,
+                        tw,
+                        tf,
+                        transfer,
+                        temperature=cfg.distill.temperature,
+                        steps=cfg.distill.steps,
+                        lr=cfg.distill.lr,
+                        batch_size=cfg.distill.batch_size,
+                        aggregate=cfg.distill.aggregate,
+                        generator=torch.Generator().manual_seed(_seed_of(rng)),
+                        probe=(x_val, y_val),
+                        eval_every=cfg.distill.eval_every,
+                    )
+                    student_val = accuracy_of(model, student_weights, x_val, y_val)
+                    accepted = not cfg.distill.elitism or student_val >= seed_val
+                    genome = inherit_genome(
+                        self.spec, [forks[i].genome for i in teachers_idx], tf, cfg.selection.inherit, _seed_of(rng)
+                    )
+                    student = Variant(
+                        f"g{g + 1:02d}-seed",
+                        genome,
+                        g + 1,
+                        Origin.DISTILL,
+                        tuple(forks[i].id for i in teachers_idx),
+                    )
+                    lineage.add(student)
+                    if accepted:  # otherwise the old seed carries on and the next forks descend from it
+                        seed, seed_weights, seed_val = student, student_weights, student_val
+                    last_teachers, last_best = tw, tw[0]
+                secs["distill"] = time.perf_counter() - t0
+
+                pending = partial(
+                    self._report,
+                    tracker=tracker,
+                    model=model,
+                    g=g,
+                    t_gen=t_gen,
+                    secs=secs,
+                    seed=seed,
+                    seed_weights=seed_weights,
+                    seed_val=seed_val,
+                    forks=forks,
+                    results=results,
+                    fitness=fitness,
+                    teachers_idx=teachers_idx,
+                    student=student,
+                    student_weights=student_weights,
+                    student_val=student_val,
+                    accepted=accepted,
+                    teacher_weights=tw,
+                    lineage=lineage.to_dict(),
+                    rng_state=rng.bit_generator.state,
+                    history=history,
+                    totals=totals,
+                    bar=bar,
+                )
+        finally:  # the last report, or the one an interruption left pending
+            if pending is not None:
+                report, pending = pending, None
+                report(None)
         bar.close()
 
         tracker.log_text(lineage.to_json(), "lineage.json")
@@ -382,6 +371,100 @@ class PopulationRun:
             seconds=totals,
         )
 
+    def _report(
+        self,
+        t_next: float | None,
+        *,
+        tracker: Tracker,
+        model: torch.nn.Module,
+        g: int,
+        t_gen: float,
+        secs: dict[str, float],
+        seed: Variant,
+        seed_weights: torch.Tensor,
+        seed_val: float,
+        forks: list[Variant],
+        results: list[LearnResult],
+        fitness: list[float],
+        teachers_idx: list[int],
+        student: Variant | None,
+        student_weights: torch.Tensor | None,
+        student_val: float,
+        accepted: bool,
+        teacher_weights: torch.Tensor | None,
+        lineage: dict,
+        rng_state: dict,
+        history: list[GenerationRecord],
+        totals: dict[str, float],
+        bar: Any,
+    ) -> None:
+        """Generation ``g``'s report: test accuracies, MLflow records, checkpoint, record.
+
+        It runs while the workers learn generation ``g + 1`` (``t_next``: when that one
+        started), or after the last generation (``t_next`` None).
+        """
+        cfg = self.cfg
+        x_test, y_test = self._test
+        t0 = time.perf_counter()
+        best_test = ens_test = float("nan")
+        if student is not None:
+            student_test = accuracy_of(model, student_weights, x_test, y_test)
+            tracker.log_variant(
+                student,
+                {"val_accuracy": student_val, "test_accuracy": student_test},
+                tags={"forkpop.accepted": str(accepted).lower()},
+            )
+            best_test = accuracy_of(model, teacher_weights[0], x_test, y_test)
+            ens_test = ensemble_accuracy(model, teacher_weights, x_test, y_test)
+        seed_test = accuracy_of(model, seed_weights, x_test, y_test)
+        secs["evaluate"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        teacher_ids = {forks[i].id for i in teachers_idx}
+        curves = {r.variant_id: {"preq_accuracy": r.preq_accuracy, "loss": r.loss} for r in results}
+        tracker.log_text(json.dumps(curves), f"steps/gen-{g:04d}.json")
+        for v, r in zip(forks, results, strict=True):
+            tags = {"forkpop.status": r.status, "forkpop.teacher": str(v.id in teacher_ids).lower()}
+            if r.reason:
+                tags["forkpop.reason"] = r.reason
+            steps = _step_metrics(r, cfg.tracking.step_metrics)
+            final = {"samples": r.samples, "learn_seconds": r.seconds}
+            if math.isfinite(r.val_accuracy):
+                final["val_accuracy"] = r.val_accuracy
+            if r.preq_accuracy:
+                final["preq_accuracy_final"] = r.preq_accuracy[-1]
+            tracker.log_variant(v, final, steps, tags)
+        secs["tracking"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        ok = [f for f in fitness if math.isfinite(f)]
+        rec = GenerationRecord(
+            generation=g,
+            seed_id=seed.id,
+            seed_val_accuracy=seed_val,
+            seed_test_accuracy=seed_test,
+            best_fitness=max(ok, default=float("nan")),
+            mean_fitness=float(np.mean(ok)) if ok else float("nan"),
+            best_individual_test_accuracy=best_test,
+            ensemble_test_accuracy=ens_test,
+            student_val_accuracy=student_val,
+            student_accepted=accepted,
+            diverged=len(results) - len(ok),
+            teachers=sorted(teacher_ids),
+        )
+        self._checkpoint(g, seed, seed_weights, seed_val, forks, lineage, rng_state)
+        secs["checkpoint"] = time.perf_counter() - t0
+        # Overlapped with the next generation's learning unless this is the last one.
+        secs["report"] = secs["evaluate"] + secs["tracking"] + secs["checkpoint"]
+        secs["generation"] = (t_next if t_next is not None else time.perf_counter()) - t_gen
+        rec.seconds = secs
+        tracker.log_generation(g, rec.metrics())
+        history.append(rec)
+        for k, v in secs.items():
+            totals[k] = totals.get(k, 0.0) + v
+        bar.update(1)
+        bar.set_postfix(seed_val=f"{seed_val:.3f}", seed_test=f"{seed_test:.3f}", best=f"{rec.best_fitness:.3f}")
+
     def _checkpoint(
         self,
         g: int,
@@ -389,17 +472,17 @@ class PopulationRun:
         seed_weights: torch.Tensor,
         seed_val: float,
         forks: list[Variant],
-        lineage: Lineage,
-        rng: np.random.Generator,
+        lineage: dict,
+        rng_state: dict,
     ) -> None:
         state = {
             "seed": seed.to_dict(),
             "seed_val_accuracy": seed_val,
             "genomes": {v.id: v.genome.as_dict() for v in forks},
-            "lineage": lineage.to_dict(),
+            "lineage": lineage,
             # Each generation's generator is default_rng([run.seed, generation]); its state
             # after this generation is kept to show the stream is reproduced on resume.
-            "rng": {"scheme": "numpy.default_rng([run.seed, generation])", "state": rng.bit_generator.state},
+            "rng": {"scheme": "numpy.default_rng([run.seed, generation])", "state": rng_state},
         }
         write_checkpoint(self.run_dir, g, {"seed": seed_weights}, _jsonable(state))
 

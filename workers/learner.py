@@ -6,6 +6,7 @@ import math
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -197,6 +198,49 @@ class GroupLearner:
             result.val_accuracy = accuracy(model, self.x_val, self.y_val)
         result.seconds = time.perf_counter() - t0
         return w, result
+
+
+def pack_results(results: list[LearnResult]) -> dict:
+    """Results as a few flat arrays (curves concatenated), cheap to move between processes."""
+    lens = [len(r.loss) for r in results]
+    ends = [len(r.epoch_ends) for r in results]
+    return {
+        "ids": [r.variant_id for r in results],
+        "val": np.array([r.val_accuracy for r in results], dtype=np.float64),
+        "samples": np.array([r.samples for r in results], dtype=np.int64),
+        "seconds": np.array([r.seconds for r in results], dtype=np.float64),
+        "status": [r.status for r in results],
+        "reason": [r.reason for r in results],
+        "loss": np.concatenate([np.asarray(r.loss, dtype=np.float64) for r in results] or [np.zeros(0)]),
+        "preq": np.concatenate([np.asarray(r.preq_accuracy, dtype=np.float64) for r in results] or [np.zeros(0)]),
+        "lens": np.array(lens, dtype=np.int64),
+        "ends": np.concatenate([np.asarray(r.epoch_ends, dtype=np.int64) for r in results] or [np.zeros(0, np.int64)]),
+        "n_ends": np.array(ends, dtype=np.int64),
+    }
+
+
+def unpack_results(p: dict) -> list[LearnResult]:
+    """The inverse of :func:`pack_results`."""
+    out = []
+    o = e = 0
+    loss, preq, ends = p["loss"].tolist(), p["preq"].tolist(), p["ends"].tolist()
+    for i, vid in enumerate(p["ids"]):
+        n, m = int(p["lens"][i]), int(p["n_ends"][i])
+        out.append(
+            LearnResult(
+                vid,
+                val_accuracy=float(p["val"][i]),
+                loss=loss[o : o + n],
+                preq_accuracy=preq[o : o + n],
+                epoch_ends=ends[e : e + m],
+                samples=int(p["samples"][i]),
+                seconds=float(p["seconds"][i]),
+                status=p["status"][i],
+                reason=p["reason"][i],
+            )
+        )
+        o, e = o + n, e + m
+    return out
 
 
 def engine_plan(spec: LearnerSpec, model: torch.nn.Module, n_features: int, n_classes: int) -> EnginePlan:

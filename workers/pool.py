@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -39,6 +39,10 @@ class Pool(Protocol):
 
     def learn(self, seed_weights: torch.Tensor, tasks: list[ForkTask]) -> tuple[torch.Tensor, list[LearnResult]]: ...
 
+    def submit(self, seed_weights: torch.Tensor, tasks: list[ForkTask]) -> Any: ...
+
+    def collect(self, handle: Any) -> tuple[torch.Tensor, list[LearnResult]]: ...
+
     def describe(self) -> list[dict]: ...
 
     def close(self) -> None: ...
@@ -64,6 +68,13 @@ class LocalPool:
                 "peak_rss": peak_rss_bytes(),
             }
         ]
+
+    def submit(self, seed_weights: torch.Tensor, tasks: list[ForkTask]) -> Any:
+        """In-process there is nothing to overlap: the work happens at :meth:`collect`."""
+        return seed_weights, tasks
+
+    def collect(self, handle: Any) -> tuple[torch.Tensor, list[LearnResult]]:
+        return self.learn(*handle)
 
     def learn(self, seed_weights: torch.Tensor, tasks: list[ForkTask]) -> tuple[torch.Tensor, list[LearnResult]]:
         t0 = time.perf_counter()

@@ -6,10 +6,11 @@ import logging
 import os
 import time
 
+import numpy as np
 import ray
 import torch
 
-from workers.learner import ForkTask, GroupLearner, LearnerSpec, LearnResult, split_tasks
+from workers.learner import ForkTask, GroupLearner, LearnerSpec, LearnResult, pack_results, split_tasks, unpack_results
 from workers.pool import PoolStats, peak_rss_bytes
 
 
@@ -28,6 +29,7 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
 # Measured on 2 cores (digits MLP, batch 16): 64 variants learn as fast in one actor as in
 # two; 128 learn 1.4x faster in two.
 VARIANTS_PER_CPU_WORKER = 64
+INLINE_BYTES = 1 << 20
 
 
 @ray.remote
@@ -50,8 +52,10 @@ class LearnerActor:
             "peak_rss": peak_rss_bytes(),
         }
 
-    def learn(self, seed_weights: torch.Tensor, tasks: list[ForkTask]) -> tuple[torch.Tensor, list[LearnResult]]:
-        return self.learner.learn(seed_weights, tasks)
+    def learn(self, seed_weights: np.ndarray, tasks: list[ForkTask]) -> tuple[np.ndarray, dict]:
+        """Learn the group; weights and results come back as plain arrays (zero-copy in Ray)."""
+        w, results = self.learner.learn(torch.from_numpy(seed_weights.copy()), tasks)
+        return w.numpy(), pack_results(results)
 
 
 class RayPool:
@@ -60,8 +64,9 @@ class RayPool:
     Without ``n_workers`` there is one actor per GPU Ray reports (when the spec's device
     allows CUDA), else one per CPU, but no more than one per ``VARIANTS_PER_CPU_WORKER``
     variants when the engine is batched. Each actor hosts its share of the population as one
-    batched group. The seed's weights go to the object store once per generation; each
-    actor returns its group's weights as one stacked tensor.
+    batched group. The seed's weights travel with the calls (or, when large, through the
+    object store once per generation); each actor returns its group's weights as one array
+    and its results as a few flat arrays.
     """
 
     def __init__(
@@ -102,11 +107,19 @@ class RayPool:
         """Each actor's node, device, engine and peak memory."""
         return ray.get([a.describe.remote() for a in self.actors])
 
-    def learn(self, seed_weights: torch.Tensor, tasks: list[ForkTask]) -> tuple[torch.Tensor, list[LearnResult]]:
+    def submit(self, seed_weights: torch.Tensor, tasks: list[ForkTask]) -> tuple:
+        """Start the generation's learning on the actors; :meth:`collect` waits for it."""
         t0 = time.perf_counter()
         groups = split_tasks(tasks, min(self.n_workers, len(tasks)))
-        seed_ref = ray.put(seed_weights)
-        outs = ray.get([a.learn.remote(seed_ref, g) for a, g in zip(self.actors, groups, strict=False)])
+        seed = seed_weights.numpy()
+        # A small seed travels inside the calls; a large one goes to the object store once.
+        seed_ref = ray.put(seed) if seed.nbytes > INLINE_BYTES and len(groups) > 1 else seed
+        refs = [a.learn.remote(seed_ref, g) for a, g in zip(self.actors, groups, strict=False)]
+        return t0, refs, tasks, seed_weights.numel()
+
+    def collect(self, handle: tuple) -> tuple[torch.Tensor, list[LearnResult]]:
+        t0, refs, tasks, n_params = handle
+        outs = [(w, unpack_results(p)) for w, p in ray.get(refs)]
         wall = time.perf_counter() - t0
         per_worker = [sum(r.seconds for r in res) for _, res in outs]
         self.stats = PoolStats(wall, max(per_worker, default=0.0), per_worker)
@@ -114,9 +127,12 @@ class RayPool:
         where = {r.variant_id: (k, i) for k, (_, res) in enumerate(outs) for i, r in enumerate(res)}
         order = [where[t.variant_id] for t in tasks]
         if not order:
-            return torch.empty(0, seed_weights.numel()), []
-        weights = torch.stack([outs[k][0][i] for k, i in order])
+            return torch.empty(0, n_params), []
+        weights = torch.from_numpy(np.stack([outs[k][0][i] for k, i in order]))
         return weights, [outs[k][1][i] for k, i in order]
+
+    def learn(self, seed_weights: torch.Tensor, tasks: list[ForkTask]) -> tuple[torch.Tensor, list[LearnResult]]:
+        return self.collect(self.submit(seed_weights, tasks))
 
     def close(self) -> None:
         for a in self.actors:
