@@ -84,17 +84,19 @@ def _print_summary(s) -> None:  # noqa: ANN001 - RunSummary, imported lazily
     parts = {
         "startup": "start-up (Ray, actors, MLflow)",
         "learn_compute": "learning (slowest worker)",
-        "ray_overhead": "Ray overhead",
+        "ray_overhead": "Ray overhead (and report time learning did not hide)",
         "select": "selection",
         "distill": "distillation",
+        "tracking_flush": "final tracking flush",
+    }
+    hidden = {
         "evaluate": "evaluation",
         "tracking": "tracking (driver)",
-        "tracking_writer": "tracking (writer thread, overlapped)",
-        "tracking_writer_cpu": "of which CPU",
-        "tracking_flush": "final tracking flush",
         "checkpoint": "checkpoints",
+        "tracking_writer_cpu": "MLflow process CPU",
     }
     print("where the time went: " + ", ".join(f"{v} {t.get(k, 0.0):.2f}s" for k, v in parts.items()))
+    print("overlapped with learning: " + ", ".join(f"{v} {t.get(k, 0.0):.2f}s" for k, v in hidden.items()))
 
 
 def main(argv: list[str] | None = None) -> int:

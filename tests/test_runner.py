@@ -102,3 +102,12 @@ def test_cli_smoke_writes_the_summary(tmp_path):
         assert k in s
     assert 0 <= s["seed_test_accuracy"] <= 1 and s["generations"] == 1
     assert "final seed" in p.stdout and "top-k ensemble" in p.stdout
+
+
+def test_loop_and_batched_engines_make_the_same_run(tmp_path):
+    _, a = _run(tmp_path / "a", f"sqlite:///{tmp_path}/a.db", run={"engine": "loop"})
+    _, b = _run(tmp_path / "b", f"sqlite:///{tmp_path}/b.db", run={"engine": "batched"})
+    assert [h["teachers"] for h in a.history] == [h["teachers"] for h in b.history]
+    for ha, hb in zip(a.history, b.history, strict=True):
+        assert ha["seed_test_accuracy"] == pytest.approx(hb["seed_test_accuracy"], abs=2e-3)
+    assert [w["engine"] for w in a.workers] == ["loop"] and [w["engine"] for w in b.workers] == ["stacked"]

@@ -175,3 +175,18 @@ def test_a_given_plan_rebuilds_the_same_bundle():
     assert np.array_equal(a.x_pool, b.x_pool) and all(
         np.array_equal(p, q) for p, q in zip(a.niches, b.niches, strict=True)
     )
+
+
+def test_results_pack_into_flat_arrays_and_back():
+    from workers.learner import LearnResult, pack_results, unpack_results
+
+    rs = [
+        LearnResult("a", 0.5, [1.0, 0.5], [0.0, 0.5], [2], 32, 0.1),
+        LearnResult("b", float("nan"), [], [], [], 0, 0.0, "diverged", "non-finite loss at step 0"),
+        LearnResult("c", 0.25, [3.0], [1.0], [1, 1], 16, 0.2),
+    ]
+    back = unpack_results(pack_results(rs))
+    assert [r.variant_id for r in back] == ["a", "b", "c"]
+    assert back[0] == rs[0] and back[2] == rs[2]
+    assert back[1].status == "diverged" and back[1].reason == rs[1].reason and np.isnan(back[1].val_accuracy)
+    assert unpack_results(pack_results([])) == []

@@ -78,7 +78,7 @@ class RayPool:
         n_variants: int | None = None,
     ):
         ensure_ray(address)
-        resources = ray.available_resources()
+        resources = ray.cluster_resources()
         gpus = int(resources.get("GPU", 0)) if spec.device in ("auto", "cuda") else 0
         if spec.device == "cuda" and gpus == 0:
             raise ValueError("run.device=cuda but the Ray cluster reports no GPU; use run.device=auto or cpu")
