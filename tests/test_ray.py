@@ -47,7 +47,8 @@ def test_ray_pool_places_groups_on_actors(ray_session):
 def test_actors_learn_as_batched_groups_sized_from_resources(ray_session):
     from population import build_model, flat_weights
     from workers import DataSpec, ForkTask, LearnerSpec, ModelSpec
-    from workers.ray_pool import VARIANTS_PER_CPU_WORKER, RayPool
+    from workers.pool import VARIANTS_PER_CPU_WORKER
+    from workers.ray_pool import RayPool
 
     spec = LearnerSpec(DataSpec(n_niches=4), ModelSpec("mlp", (16,)), 16)
     w0 = flat_weights(build_model("mlp", 64, 10, (16,)))

@@ -190,3 +190,21 @@ def test_results_pack_into_flat_arrays_and_back():
     assert back[0] == rs[0] and back[2] == rs[2]
     assert back[1].status == "diverged" and back[1].reason == rs[1].reason and np.isnan(back[1].val_accuracy)
     assert unpack_results(pack_results([])) == []
+
+
+def test_workers_are_planned_from_the_clusters_resources():
+    from workers.pool import plan_workers
+
+    spec = LearnerSpec(DataSpec(n_niches=4))
+    assert plan_workers({"CPU": 8}, spec, n_variants=16) == (1, {"num_cpus": 1.0})
+    assert plan_workers({"CPU": 8}, spec, n_variants=1024)[0] == 8
+    assert plan_workers({"CPU": 8}, spec, n_variants=200)[0] == 3
+    assert plan_workers({"CPU": 8}, LearnerSpec(DataSpec(), engine="loop"), n_variants=16)[0] == 8
+    assert plan_workers({"CPU": 8}, spec, n_workers=5, n_variants=16)[0] == 5
+    # GPUs: one actor each, whatever the population; device=cpu leaves them alone.
+    assert plan_workers({"CPU": 16, "GPU": 2}, spec, n_variants=16) == (2, {"num_cpus": 1.0, "num_gpus": 1.0})
+    assert plan_workers({"CPU": 16, "GPU": 2}, spec, n_workers=4)[1]["num_gpus"] == 0.5
+    cpu_only = LearnerSpec(DataSpec(), device="cpu")
+    assert "num_gpus" not in plan_workers({"CPU": 16, "GPU": 2}, cpu_only, n_variants=16)[1]
+    with pytest.raises(ValueError, match="reports no GPU"):
+        plan_workers({"CPU": 4}, LearnerSpec(DataSpec(), device="cuda"))

@@ -24,6 +24,41 @@ class PoolStats:
         return max(0.0, self.wall_seconds - self.compute_seconds)
 
 
+# Measured on 2 cores (digits MLP, batch 16): 64 variants learn as fast in one actor as in
+# two; 128 learn 1.4x faster in two.
+VARIANTS_PER_CPU_WORKER = 64
+
+
+def plan_workers(
+    resources: dict[str, float],
+    spec: LearnerSpec,
+    n_workers: int | None = None,
+    cpus_per_worker: float = 1.0,
+    n_variants: int | None = None,
+) -> tuple[int, dict[str, float]]:
+    """How many actors, and the resources each asks for, from what the cluster reports.
+
+    One actor per GPU when the device may be CUDA and there are GPUs; otherwise one per
+    ``cpus_per_worker`` CPUs, but, with the batched engine, no more than one per
+    ``VARIANTS_PER_CPU_WORKER`` variants (a smaller group does not fill a core, so fewer
+    actors learn as fast and leave cores to the driver). ``n_workers`` overrides the count.
+    """
+    gpus = int(resources.get("GPU", 0)) if spec.device in ("auto", "cuda") else 0
+    if spec.device == "cuda" and gpus == 0:
+        raise ValueError("run.device=cuda but the Ray cluster reports no GPU; use run.device=auto or cpu")
+    if n_workers is None:
+        if gpus:
+            n_workers = gpus
+        else:
+            n_workers = max(1, int(int(resources.get("CPU", 1)) // max(cpus_per_worker, 1e-9)))
+            if n_variants is not None and spec.engine == "batched":
+                n_workers = max(1, min(n_workers, n_variants // VARIANTS_PER_CPU_WORKER))
+    opts: dict[str, float] = {"num_cpus": cpus_per_worker}
+    if gpus:
+        opts["num_gpus"] = min(1.0, gpus / n_workers)
+    return n_workers, opts
+
+
 def peak_rss_bytes() -> int:
     """This process's peak resident memory so far, in bytes."""
     import resource

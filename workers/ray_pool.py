@@ -11,7 +11,7 @@ import ray
 import torch
 
 from workers.learner import ForkTask, GroupLearner, LearnerSpec, LearnResult, pack_results, split_tasks, unpack_results
-from workers.pool import PoolStats, peak_rss_bytes
+from workers.pool import PoolStats, peak_rss_bytes, plan_workers
 
 
 def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
@@ -26,9 +26,6 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         ray.init(num_cpus=num_cpus, _node_ip_address="127.0.0.1", **kwargs)
 
 
-# Measured on 2 cores (digits MLP, batch 16): 64 variants learn as fast in one actor as in
-# two; 128 learn 1.4x faster in two.
-VARIANTS_PER_CPU_WORKER = 64
 INLINE_BYTES = 1 << 20
 
 
@@ -78,25 +75,8 @@ class RayPool:
         n_variants: int | None = None,
     ):
         ensure_ray(address)
-        resources = ray.cluster_resources()
-        gpus = int(resources.get("GPU", 0)) if spec.device in ("auto", "cuda") else 0
-        if spec.device == "cuda" and gpus == 0:
-            raise ValueError("run.device=cuda but the Ray cluster reports no GPU; use run.device=auto or cpu")
-        if n_workers is None:
-            if gpus:
-                n_workers = gpus
-            else:
-                cpus = int(resources.get("CPU", 1))
-                n_workers = max(1, int(cpus // max(cpus_per_worker, 1e-9)))
-                if n_variants is not None and spec.engine == "batched":
-                    # A batched group only fills a core from about this many variants on;
-                    # fewer actors then learn as fast and leave cores to the driver.
-                    n_workers = max(1, min(n_workers, n_variants // VARIANTS_PER_CPU_WORKER))
-        self.n_workers = n_workers
-        opts: dict = {"num_cpus": cpus_per_worker}
-        if gpus:
-            opts["num_gpus"] = min(1.0, gpus / n_workers)
-        self.actors = [LearnerActor.options(**opts).remote(spec) for _ in range(n_workers)]
+        self.n_workers, opts = plan_workers(ray.cluster_resources(), spec, n_workers, cpus_per_worker, n_variants)
+        self.actors = [LearnerActor.options(**opts).remote(spec) for _ in range(self.n_workers)]
         self._ready = [a.ping.remote() for a in self.actors]
         self.stats = PoolStats()
 
