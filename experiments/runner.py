@@ -19,9 +19,17 @@ import torch
 from experiments.checkpoint import write_checkpoint
 from experiments.config import ExperimentConfig, config_to_yaml
 from experiments.tracking import Tracker, resolve_tracking_uri
+from population.diversity import (
+    disagreement_matrix,
+    functional_diversity,
+    genotype_spread,
+    lineage_stats,
+    representation_similarity,
+    weight_distances,
+)
 from population.genome import Genome
 from population.lineage import Lineage
-from population.models import build_model, flat_weights
+from population.models import build_model, flat_weights, predict_many
 from population.variant import Origin, Variant
 from selection import accuracy_of, distill, ensemble_accuracy, inherit_genome, mutate_genome, select, student_init
 from workers.data import DataSpec, load_data
@@ -46,6 +54,7 @@ class GenerationRecord:
     diverged: int
     teachers: list[str]
     seconds: dict[str, float] = field(default_factory=dict)
+    diversity: dict[str, float] = field(default_factory=dict)  # see population.diversity
 
     def metrics(self) -> dict[str, float]:
         m = {
@@ -54,6 +63,7 @@ class GenerationRecord:
             if isinstance(v, (int, float, bool)) and k not in ("generation",)
         }
         m.update({f"time_{k}": v for k, v in self.seconds.items()})
+        m.update({f"div.{k}": v for k, v in self.diversity.items() if math.isfinite(v)})
         return m
 
 
@@ -199,6 +209,7 @@ class PopulationRun:
         x_val, y_val = torch.from_numpy(data.x_val), torch.from_numpy(data.y_val)
         x_test, y_test = torch.from_numpy(data.x_test), torch.from_numpy(data.y_test)
         self._test = (x_test, y_test)
+        self._probe = (x_val, y_val)
         x_pool = torch.from_numpy(data.x_pool)
 
         init_rng = np.random.default_rng([cfg.run.seed, 2**31])
@@ -244,6 +255,7 @@ class PopulationRun:
 
                 # Learn. While the workers learn, the driver reports the previous generation.
                 t0 = time.perf_counter()
+                fork_seed = seed_weights
                 handle = pool.submit(seed_weights, tasks)
                 if pending is not None:
                     report, pending = pending, None
@@ -327,6 +339,8 @@ class PopulationRun:
                     forks=forks,
                     results=results,
                     fitness=fitness,
+                    fork_seed_weights=fork_seed,
+                    variant_weights=weights,
                     teachers_idx=teachers_idx,
                     student=student,
                     student_weights=student_weights,
@@ -386,6 +400,8 @@ class PopulationRun:
         forks: list[Variant],
         results: list[LearnResult],
         fitness: list[float],
+        fork_seed_weights: torch.Tensor,
+        variant_weights: torch.Tensor,
         teachers_idx: list[int],
         student: Variant | None,
         student_weights: torch.Tensor | None,
@@ -437,6 +453,11 @@ class PopulationRun:
         secs["tracking"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
+        div, matrix = self._diversity(model, forks, results, fork_seed_weights, variant_weights, lineage, g)
+        tracker.log_text(json.dumps(matrix), f"diversity/gen-{g:04d}.json")
+        secs["diversity"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
         ok = [f for f in fitness if math.isfinite(f)]
         rec = GenerationRecord(
             generation=g,
@@ -451,11 +472,12 @@ class PopulationRun:
             student_accepted=accepted,
             diverged=len(results) - len(ok),
             teachers=sorted(teacher_ids),
+            diversity=div,
         )
         self._checkpoint(g, seed, seed_weights, seed_val, forks, lineage, rng_state)
         secs["checkpoint"] = time.perf_counter() - t0
         # Overlapped with the next generation's learning unless this is the last one.
-        secs["report"] = secs["evaluate"] + secs["tracking"] + secs["checkpoint"]
+        secs["report"] = secs["evaluate"] + secs["tracking"] + secs["diversity"] + secs["checkpoint"]
         secs["generation"] = (t_next if t_next is not None else time.perf_counter()) - t_gen
         rec.seconds = secs
         tracker.log_generation(g, rec.metrics())
@@ -464,6 +486,35 @@ class PopulationRun:
             totals[k] = totals.get(k, 0.0) + v
         bar.update(1)
         bar.set_postfix(seed_val=f"{seed_val:.3f}", seed_test=f"{seed_test:.3f}", best=f"{rec.best_fitness:.3f}")
+
+    def _diversity(
+        self,
+        model: torch.nn.Module,
+        forks: list[Variant],
+        results: list[LearnResult],
+        fork_seed: torch.Tensor,
+        weights: torch.Tensor,
+        lineage: dict,
+        g: int,
+    ) -> tuple[dict[str, float], dict]:
+        """The generation's diversity measures (on the validation split as probe), and the
+        pairwise disagreement matrix of its learned variants for the heat maps."""
+        alive = [i for i, r in enumerate(results) if r.status == "ok"]
+        x_val, y_val = self._probe
+        out = genotype_spread([forks[i].genome.as_dict() for i in alive], self.spec)
+        ids = [forks[i].id for i in alive]
+        matrix: dict = {"ids": ids, "disagreement": []}
+        if alive:
+            w = weights[alive]
+            out.update(weight_distances(w, fork_seed))
+            probs, hid = predict_many(model, w, x_val, with_hidden=True)
+            p = probs.double().numpy()
+            out.update(functional_diversity(p, y_val.numpy()))
+            out.update(representation_similarity([h.double().numpy() for h in hid]))
+            matrix["disagreement"] = disagreement_matrix(p).round(4).tolist()
+        out.update(lineage_stats(Lineage.from_dict(lineage), g))
+        out["alive"] = float(len(alive))
+        return out, matrix
 
     def _checkpoint(
         self,

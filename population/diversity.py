@@ -161,12 +161,24 @@ def linear_cka(x: np.ndarray, y: np.ndarray) -> float:
 
 
 def cka_matrix(reps: Sequence[np.ndarray]) -> np.ndarray:
-    """``(n, n)`` linear CKA between every pair of ``reps`` (each ``(m, d)``)."""
+    """``(n, n)`` linear CKA between every pair of ``reps`` (each ``(m, d)``).
+
+    Through the centred Gram matrices: ``||Y^T X||_F^2 = <X X^T, Y Y^T>_F``, so each pair
+    costs an ``m x m`` inner product whatever the widths.
+    """
     n = len(reps)
-    out = np.eye(n)
-    for i in range(n):
-        for j in range(i + 1, n):
-            out[i, j] = out[j, i] = linear_cka(reps[i], reps[j])
+    if n == 0:
+        return np.zeros((0, 0))
+    grams = []
+    for x in reps:
+        xc = x - x.mean(0, keepdims=True)
+        grams.append((xc @ xc.T).ravel())
+    g = np.stack(grams)
+    hsic = g @ g.T
+    norms = np.sqrt(np.clip(np.diag(hsic), 0, None))
+    denom = np.outer(norms, norms)
+    out = np.where(denom > EPS, hsic / np.where(denom > EPS, denom, 1.0), 0.0)
+    np.fill_diagonal(out, 1.0)
     return out
 
 

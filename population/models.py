@@ -73,3 +73,35 @@ def load_flat_weights(model: nn.Module, flat: torch.Tensor) -> nn.Module:
     """Copy a vector from :func:`flat_weights` into ``model`` in place."""
     torch.nn.utils.vector_to_parameters(flat.to(next(model.parameters()).dtype), model.parameters())
     return model
+
+
+def hidden(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The model's last hidden representation of ``x`` (the input to its output layer)."""
+    if isinstance(model, nn.Sequential) and len(model) > 1:
+        return model[:-1](x)
+    if isinstance(model, SmallCNN):
+        return model.features(x.view(-1, 1, model.side, model.side)).mean(dim=(2, 3))
+    return x
+
+
+@torch.no_grad()
+def predict_many(
+    model: nn.Module, weights: torch.Tensor, x: torch.Tensor, with_hidden: bool = False
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Softmax predictions of every row of ``weights`` ``(n, n_params)`` on ``x`` ``(m, D)``.
+
+    Returns probabilities ``(n, m, C)`` and, with ``with_hidden``, each variant's hidden
+    representation ``(m, d)`` (see :func:`hidden`).
+    """
+    model.eval()
+    probs, hid = [], []
+    for w in weights:
+        load_flat_weights(model, w)
+        if with_hidden:
+            h = hidden(model, x)
+            hid.append(h)
+            out = model[-1](h) if isinstance(model, nn.Sequential) and len(model) > 1 else model(x)
+        else:
+            out = model(x)
+        probs.append(torch.softmax(out, -1))
+    return (torch.stack(probs) if probs else torch.empty(0, len(x), 0)), hid
