@@ -68,6 +68,63 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _store_uri(arg: str | None) -> str:
+    """``--tracking-uri``, ``MLFLOW_TRACKING_URI``, or ``runs/mlflow.db`` here, which must exist."""
+    uri = arg or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    db = Path("runs") / "mlflow.db"
+    if not db.is_file():
+        raise FileNotFoundError("no runs/mlflow.db here; give --tracking-uri (or set MLFLOW_TRACKING_URI)")
+    return f"sqlite:///{db.resolve()}"
+
+
+def _with_store(fn):  # noqa: ANN001, ANN202 - a command that reads MLflow: one-line errors
+    def wrapped(args: argparse.Namespace) -> int:
+        from experiments.analysis import AnalysisError
+
+        try:
+            return fn(args, _store_uri(args.tracking_uri))
+        except (AnalysisError, FileNotFoundError) as e:
+            return _fail(str(e))
+        except Exception as e:  # an unreachable store, a corrupt database
+            if type(e).__name__ in ("MlflowException", "OperationalError", "RestException", "ConnectionError"):
+                return _fail(f"cannot read the MLflow store: {str(e).splitlines()[0]}")
+            raise
+
+    return wrapped
+
+
+@_with_store
+def cmd_lineage(args: argparse.Namespace, uri: str) -> int:
+    from experiments.analysis import lineage_text, load_run, write_lineage
+
+    data = load_run(args.run, uri, matrices=False)
+    print(lineage_text(data.lineage, args.max_forks))
+    files = write_lineage(data, Path(args.out))
+    print(f"forkpop: lineage of {data.name} ({len(data.lineage)} births) written to " + ", ".join(map(str, files)))
+    return 0
+
+
+@_with_store
+def cmd_analyze(args: argparse.Namespace, uri: str) -> int:
+    from experiments.analysis import analyze
+
+    heat = [int(g) for g in args.generations.split(",")] if args.generations else None
+    report = analyze(args.run, Path(args.out), uri, heat, progress=not args.quiet)
+    print(f"forkpop: report {report} (and the PNGs beside it)")
+    return 0
+
+
+@_with_store
+def cmd_compare(args: argparse.Namespace, uri: str) -> int:
+    from experiments.analysis import compare
+
+    files = compare(args.runs, Path(args.out), uri, progress=not args.quiet)
+    print("forkpop: " + ", ".join(map(str, files)))
+    return 0
+
+
 def _print_summary(s) -> None:  # noqa: ANN001 - RunSummary, imported lazily
     rows = [
         ("final seed", s.seed_test_accuracy),
@@ -116,6 +173,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--backend", choices=["ray", "local"], default=None, help="override run.backend")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_run)
+
+    store = "MLflow tracking URI (default: MLFLOW_TRACKING_URI, else runs/mlflow.db here)"
+    p = sub.add_parser("lineage", help="print a run's lineage tree and write it as PNG, SVG, GraphML and JSON")
+    p.add_argument("run", help="MLflow run id of the population run")
+    p.add_argument("--out", default="lineage", help="folder for the files (default: ./lineage)")
+    p.add_argument("--max-forks", type=int, default=6, help="forks shown per seed in the terminal")
+    p.add_argument("--tracking-uri", default=None, help=store)
+    p.set_defaults(func=cmd_lineage)
+
+    p = sub.add_parser("analyze", help="plots of fitness, accuracy and diversity, and an HTML report")
+    p.add_argument("run", help="MLflow run id of the population run")
+    p.add_argument("--out", required=True, help="folder for the PNGs and report.html")
+    p.add_argument("--generations", default=None, help="generations for disagreement heat maps, e.g. 0,5,9")
+    p.add_argument("--tracking-uri", default=None, help=store)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_analyze)
+
+    p = sub.add_parser("compare", help="several runs' curves on the same axes")
+    p.add_argument("runs", nargs="+", help="MLflow run ids")
+    p.add_argument("--out", default="compare", help="folder for the PNGs (default: ./compare)")
+    p.add_argument("--tracking-uri", default=None, help=store)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_compare)
     args = parser.parse_args(argv)
     return args.func(args)
 
