@@ -110,10 +110,15 @@ class PopulationConfig(_Strict):
 
 
 class SelectionConfig(_Strict):
-    method: Literal["best", "tournament"] = Field("best", description="DEAP selection of teachers.")
-    k: int | None = Field(None, ge=1, description="Teachers distilled into the next seed; None: every variant.")
+    method: Literal["best", "tournament", "nsga2"] = Field(
+        "best", description="DEAP selection of teachers; nsga2: NSGA-II over (fitness, novelty)."
+    )
+    k: int | None = Field(None, ge=1, description="Teachers distilled into the next seed; None: every variant (nsga2: half).")
     tournament_size: int = Field(3, ge=2, description="Tournament size for method=tournament.")
     inherit: Literal["crossover", "best", "choice"] = Field("crossover", description="Seed genome from teachers.")
+    species: int = Field(
+        1, ge=1, description="Seeds kept: teachers are clustered by what they predict, each cluster its own seed."
+    )
 
 
 class DistillConfig(_Strict):
@@ -165,7 +170,10 @@ class ExperimentConfig(_Strict):
 
     @property
     def n_teachers(self) -> int:
-        return self.selection.k or self.population.size
+        """``selection.k``; unset, every variant (NSGA-II: half of them, or it would choose all)."""
+        if self.selection.k:
+            return self.selection.k
+        return max(1, self.population.size // 2) if self.selection.method == "nsga2" else self.population.size
 
     @property
     def n_niches(self) -> int:

@@ -23,6 +23,7 @@ from population.diversity import (
     disagreement_matrix,
     functional_diversity,
     genotype_spread,
+    js_matrix,
     lineage_stats,
     representation_similarity,
     weight_distances,
@@ -32,6 +33,7 @@ from population.lineage import Lineage
 from population.models import build_model, flat_weights, predict_many
 from population.variant import Origin, Variant
 from selection import accuracy_of, distill, ensemble_accuracy, inherit_genome, mutate_genome, select, student_init
+from selection.species import assign_slots, cluster_by_function
 from workers.data import DataSpec, load_data
 from workers.learner import ForkTask, LearnerSpec, LearnResult, ModelSpec
 from workers.pool import Pool, make_pool, peak_rss_bytes
@@ -65,6 +67,26 @@ class GenerationRecord:
         m.update({f"time_{k}": v for k, v in self.seconds.items()})
         m.update({f"div.{k}": v for k, v in self.diversity.items() if math.isfinite(v)})
         return m
+
+
+@dataclass
+class Seed:
+    """A species slot's current seed: whom the next forks of that slot descend from."""
+
+    variant: Variant
+    weights: torch.Tensor
+    val: float
+
+
+@dataclass
+class Student:
+    """A seed distilled from a group of teachers, and whether it replaced its slot's seed."""
+
+    variant: Variant
+    weights: torch.Tensor
+    val: float
+    accepted: bool
+    slot: int = 0
 
 
 @dataclass
@@ -213,22 +235,25 @@ class PopulationRun:
         x_pool = torch.from_numpy(data.x_pool)
 
         init_rng = np.random.default_rng([cfg.run.seed, 2**31])
-        seed_weights = flat_weights(
+        root_weights = flat_weights(
             build_model(
                 self.model_spec.family, data.n_features, data.n_classes, self.model_spec.hidden, _seed_of(init_rng)
             )
         )
-        seed = Variant("g00-seed", self.spec.initial(), 0, Origin.SEED)
+        root = Variant("g00-seed", self.spec.initial(), 0, Origin.SEED)
         lineage = Lineage()
-        lineage.add(seed)
-        seed_val = accuracy_of(model, seed_weights, x_val, y_val)
-        tracker.log_variant(seed, {"val_accuracy": seed_val})
+        lineage.add(root)
+        root_val = accuracy_of(model, root_weights, x_val, y_val)
+        tracker.log_variant(root, {"val_accuracy": root_val})
+        # One slot per species; all start from the root and part ways at the first distillation.
+        n_species = cfg.selection.species
+        seeds = [Seed(root, root_weights, root_val) for _ in range(n_species)]
 
         history: list[GenerationRecord] = []
         totals: dict[str, float] = {}
         bar = _progress(cfg.run.generations, self.progress)
         last_teachers = torch.empty(0)
-        last_best = seed_weights
+        last_best = root_weights
         pending: Callable[[float | None], None] | None = None
         try:
             for g in range(cfg.run.generations):
@@ -237,26 +262,28 @@ class PopulationRun:
                 secs: dict[str, float] = {}
 
                 # Fork: the plan (genomes, niches, noise seeds) is made here; workers execute it.
+                # Variant i descends from species slot i % n_species.
                 t0 = time.perf_counter()
                 forks, tasks = [], []
                 for i in range(cfg.population.size):
+                    parent = seeds[i % n_species].variant
                     genome = mutate_genome(
                         self.spec,
-                        seed.genome,
+                        parent.genome,
                         _seed_of(rng),
                         cfg.population.mutation_eta,
                         cfg.population.mutation_indpb,
                     )
-                    v = Variant(f"g{g:02d}-v{i:03d}", genome, g, Origin.FORK, (seed.id,), i % cfg.n_niches)
+                    v = Variant(f"g{g:02d}-v{i:03d}", genome, g, Origin.FORK, (parent.id,), i % cfg.n_niches)
                     forks.append(v)
                     cost = len(self.data.niches[v.niche]) * genome.get("epochs", 1.0)
-                    tasks.append(ForkTask(v.id, v.niche, genome.as_dict(), _seed_of(rng), cost))
+                    tasks.append(ForkTask(v.id, v.niche, genome.as_dict(), _seed_of(rng), cost, i % n_species))
+                fork_seeds = torch.stack([s.weights for s in seeds])
                 secs["plan"] = time.perf_counter() - t0
 
                 # Learn. While the workers learn, the driver reports the previous generation.
                 t0 = time.perf_counter()
-                fork_seed = seed_weights
-                handle = pool.submit(seed_weights, tasks)
+                handle = pool.submit(fork_seeds[0] if n_species == 1 else fork_seeds, tasks)
                 if pending is not None:
                     report, pending = pending, None
                     report(t_gen)
@@ -267,62 +294,44 @@ class PopulationRun:
                     max(0.0, secs["learn"] - secs["learn_compute"]) if cfg.run.backend == "ray" else 0.0
                 )
 
-                # Select: fitness is validation accuracy; diverged variants have none.
+                # Select: fitness is validation accuracy; diverged variants have none. Novelty
+                # (mean Jensen-Shannon distance to the others on the validation split) when
+                # NSGA-II or species need it.
                 t0 = time.perf_counter()
                 fitness = [r.val_accuracy if r.status == "ok" else float("nan") for r in results]
                 for v in forks:
                     lineage.add(v)
+                js = None
+                nov = None
+                if cfg.selection.method == "nsga2" or n_species > 1:
+                    js, nov = self._functional_distances(model, weights, fitness)
                 teachers_idx = select(
-                    fitness, cfg.n_teachers, cfg.selection.method, _seed_of(rng), cfg.selection.tournament_size
+                    fitness,
+                    cfg.n_teachers,
+                    cfg.selection.method,
+                    _seed_of(rng),
+                    cfg.selection.tournament_size,
+                    novelty=nov,
                 )
+                if n_species > 1 and teachers_idx:
+                    sub = js[np.ix_(teachers_idx, teachers_idx)]
+                    groups = [[teachers_idx[j] for j in c] for c in cluster_by_function(sub, n_species)]
+                    slots = assign_slots(groups, [i % n_species for i in range(len(forks))], n_species)
+                else:
+                    groups, slots = ([teachers_idx] if teachers_idx else []), [0]
                 secs["select"] = time.perf_counter() - t0
 
+                # Distill: each group of teachers into the seed of its species slot.
                 t0 = time.perf_counter()
-                student = None
-                student_weights = tw = None
-                student_val = float("nan")
-                accepted = False
+                students: list[Student] = []
+                for members, slot in zip(groups, slots, strict=False):
+                    st = self._distill(model, g, forks, fitness, weights, members, seeds[slot], rng, x_pool, slot)
+                    lineage.add(st.variant)
+                    students.append(st)
+                    if st.accepted:  # otherwise the old seed carries on and the next forks descend from it
+                        seeds[slot] = Seed(st.variant, st.weights, st.val)
+                tw = weights[teachers_idx] if teachers_idx else None
                 if teachers_idx:
-                    tw = weights[teachers_idx]
-                    tf = [fitness[i] for i in teachers_idx]
-                    if cfg.distill.transfer == "all":
-                        transfer = x_pool
-                    else:
-                        idx = np.concatenate([data.niches[forks[i].niche] for i in teachers_idx])
-                        transfer = x_pool[torch.from_numpy(np.sort(idx))]
-                    init = student_init(
-                        cfg.distill.init, seed_weights, tw, tf, [len(data.niches[forks[i].niche]) for i in teachers_idx]
-                    )
-                    student_weights, _ = distill(
-                        model,
-                        init,
-                        tw,
-                        tf,
-                        transfer,
-                        temperature=cfg.distill.temperature,
-                        steps=cfg.distill.steps,
-                        lr=cfg.distill.lr,
-                        batch_size=cfg.distill.batch_size,
-                        aggregate=cfg.distill.aggregate,
-                        generator=torch.Generator().manual_seed(_seed_of(rng)),
-                        probe=(x_val, y_val),
-                        eval_every=cfg.distill.eval_every,
-                    )
-                    student_val = accuracy_of(model, student_weights, x_val, y_val)
-                    accepted = not cfg.distill.elitism or student_val >= seed_val
-                    genome = inherit_genome(
-                        self.spec, [forks[i].genome for i in teachers_idx], tf, cfg.selection.inherit, _seed_of(rng)
-                    )
-                    student = Variant(
-                        f"g{g + 1:02d}-seed",
-                        genome,
-                        g + 1,
-                        Origin.DISTILL,
-                        tuple(forks[i].id for i in teachers_idx),
-                    )
-                    lineage.add(student)
-                    if accepted:  # otherwise the old seed carries on and the next forks descend from it
-                        seed, seed_weights, seed_val = student, student_weights, student_val
                     last_teachers, last_best = tw, tw[0]
                 secs["distill"] = time.perf_counter() - t0
 
@@ -333,19 +342,14 @@ class PopulationRun:
                     g=g,
                     t_gen=t_gen,
                     secs=secs,
-                    seed=seed,
-                    seed_weights=seed_weights,
-                    seed_val=seed_val,
+                    seeds=list(seeds),
                     forks=forks,
                     results=results,
                     fitness=fitness,
-                    fork_seed_weights=fork_seed,
+                    fork_seed_weights=fork_seeds,
                     variant_weights=weights,
                     teachers_idx=teachers_idx,
-                    student=student,
-                    student_weights=student_weights,
-                    student_val=student_val,
-                    accepted=accepted,
+                    students=students,
                     teacher_weights=tw,
                     lineage=lineage.to_dict(),
                     rng_state=rng.bit_generator.state,
@@ -394,19 +398,14 @@ class PopulationRun:
         g: int,
         t_gen: float,
         secs: dict[str, float],
-        seed: Variant,
-        seed_weights: torch.Tensor,
-        seed_val: float,
+        seeds: list[Seed],
         forks: list[Variant],
         results: list[LearnResult],
         fitness: list[float],
         fork_seed_weights: torch.Tensor,
         variant_weights: torch.Tensor,
         teachers_idx: list[int],
-        student: Variant | None,
-        student_weights: torch.Tensor | None,
-        student_val: float,
-        accepted: bool,
+        students: list[Student],
         teacher_weights: torch.Tensor | None,
         lineage: dict,
         rng_state: dict,
@@ -414,33 +413,39 @@ class PopulationRun:
         totals: dict[str, float],
         bar: Any,
     ) -> None:
-        """Generation ``g``'s report: test accuracies, MLflow records, checkpoint, record.
+        """Generation ``g``'s report: test accuracies, MLflow records, diversity, checkpoint.
 
         It runs while the workers learn generation ``g + 1`` (``t_next``: when that one
-        started), or after the last generation (``t_next`` None).
+        started), or after the last generation (``t_next`` None). With several species the
+        reported seed is the one best on validation.
         """
         cfg = self.cfg
         x_test, y_test = self._test
         t0 = time.perf_counter()
         best_test = ens_test = float("nan")
-        if student is not None:
-            student_test = accuracy_of(model, student_weights, x_test, y_test)
+        for st in students:
+            st_test = accuracy_of(model, st.weights, x_test, y_test)
             tracker.log_variant(
-                student,
-                {"val_accuracy": student_val, "test_accuracy": student_test},
-                tags={"forkpop.accepted": str(accepted).lower()},
+                st.variant,
+                {"val_accuracy": st.val, "test_accuracy": st_test},
+                tags={"forkpop.accepted": str(st.accepted).lower(), "forkpop.species": str(st.slot)},
             )
+        if teacher_weights is not None:
             best_test = accuracy_of(model, teacher_weights[0], x_test, y_test)
             ens_test = ensemble_accuracy(model, teacher_weights, x_test, y_test)
-        seed_test = accuracy_of(model, seed_weights, x_test, y_test)
+        best_slot = max(range(len(seeds)), key=lambda s: (seeds[s].val, -s))
+        seed = seeds[best_slot]
+        seed_test = accuracy_of(model, seed.weights, x_test, y_test)
         secs["evaluate"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
         teacher_ids = {forks[i].id for i in teachers_idx}
         curves = {r.variant_id: {"preq_accuracy": r.preq_accuracy, "loss": r.loss} for r in results}
         tracker.log_text(json.dumps(curves), f"steps/gen-{g:04d}.json")
-        for v, r in zip(forks, results, strict=True):
+        for i, (v, r) in enumerate(zip(forks, results, strict=True)):
             tags = {"forkpop.status": r.status, "forkpop.teacher": str(v.id in teacher_ids).lower()}
+            if len(seeds) > 1:
+                tags["forkpop.species"] = str(i % len(seeds))
             if r.reason:
                 tags["forkpop.reason"] = r.reason
             steps = _step_metrics(r, cfg.tracking.step_metrics)
@@ -453,28 +458,31 @@ class PopulationRun:
         secs["tracking"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        div, matrix = self._diversity(model, forks, results, fork_seed_weights, variant_weights, lineage, g)
+        species_of = [i % len(seeds) for i in range(len(forks))]
+        div, matrix = self._diversity(model, forks, results, fork_seed_weights, species_of, variant_weights, lineage, g)
+        div["species"] = float(len({s.variant.id for s in seeds}))
         tracker.log_text(json.dumps(matrix), f"diversity/gen-{g:04d}.json")
         secs["diversity"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
         ok = [f for f in fitness if math.isfinite(f)]
+        main = students[0] if students else None
         rec = GenerationRecord(
             generation=g,
-            seed_id=seed.id,
-            seed_val_accuracy=seed_val,
+            seed_id=seed.variant.id,
+            seed_val_accuracy=seed.val,
             seed_test_accuracy=seed_test,
             best_fitness=max(ok, default=float("nan")),
             mean_fitness=float(np.mean(ok)) if ok else float("nan"),
             best_individual_test_accuracy=best_test,
             ensemble_test_accuracy=ens_test,
-            student_val_accuracy=student_val,
-            student_accepted=accepted,
+            student_val_accuracy=max((st.val for st in students), default=float("nan")),
+            student_accepted=bool(main is not None and any(st.accepted for st in students)),
             diverged=len(results) - len(ok),
             teachers=sorted(teacher_ids),
             diversity=div,
         )
-        self._checkpoint(g, seed, seed_weights, seed_val, forks, lineage, rng_state)
+        self._checkpoint(g, seeds, best_slot, forks, lineage, rng_state)
         secs["checkpoint"] = time.perf_counter() - t0
         # Overlapped with the next generation's learning unless this is the last one.
         secs["report"] = secs["evaluate"] + secs["tracking"] + secs["diversity"] + secs["checkpoint"]
@@ -485,14 +493,78 @@ class PopulationRun:
         for k, v in secs.items():
             totals[k] = totals.get(k, 0.0) + v
         bar.update(1)
-        bar.set_postfix(seed_val=f"{seed_val:.3f}", seed_test=f"{seed_test:.3f}", best=f"{rec.best_fitness:.3f}")
+        bar.set_postfix(seed_val=f"{seed.val:.3f}", seed_test=f"{seed_test:.3f}", best=f"{rec.best_fitness:.3f}")
+
+    def _functional_distances(
+        self, model: torch.nn.Module, weights: torch.Tensor, fitness: list[float]
+    ) -> tuple[np.ndarray, list[float]]:
+        """Pairwise Jensen-Shannon distances of the variants on the validation split, and each
+        one's novelty (mean distance to the other live ones); NaN for diverged variants."""
+        n = len(fitness)
+        live = [i for i, f in enumerate(fitness) if math.isfinite(f)]
+        js = np.full((n, n), np.nan)
+        nov = [float("nan")] * n
+        if live:
+            probs, _ = predict_many(model, weights[live], self._probe[0])
+            sub = js_matrix(probs.double().numpy())
+            js[np.ix_(live, live)] = sub
+            for k, i in enumerate(live):
+                nov[i] = float((sub[k].sum() - sub[k, k]) / max(len(live) - 1, 1))
+        return js, nov
+
+    def _distill(
+        self,
+        model: torch.nn.Module,
+        g: int,
+        forks: list[Variant],
+        fitness: list[float],
+        weights: torch.Tensor,
+        members: list[int],
+        old: Seed,
+        rng: np.random.Generator,
+        x_pool: torch.Tensor,
+        slot: int,
+    ) -> Student:
+        """Distill the teachers ``members`` (indices into ``forks``) into a new seed."""
+        cfg, data = self.cfg, self.data
+        x_val, y_val = self._probe
+        tw = weights[members]
+        tf = [fitness[i] for i in members]
+        if cfg.distill.transfer == "all":
+            transfer = x_pool
+        else:
+            idx = np.concatenate([data.niches[forks[i].niche] for i in members])
+            transfer = x_pool[torch.from_numpy(np.sort(idx))]
+        init = student_init(cfg.distill.init, old.weights, tw, tf, [len(data.niches[forks[i].niche]) for i in members])
+        student_weights, _ = distill(
+            model,
+            init,
+            tw,
+            tf,
+            transfer,
+            temperature=cfg.distill.temperature,
+            steps=cfg.distill.steps,
+            lr=cfg.distill.lr,
+            batch_size=cfg.distill.batch_size,
+            aggregate=cfg.distill.aggregate,
+            generator=torch.Generator().manual_seed(_seed_of(rng)),
+            probe=(x_val, y_val),
+            eval_every=cfg.distill.eval_every,
+        )
+        val = accuracy_of(model, student_weights, x_val, y_val)
+        accepted = not cfg.distill.elitism or val >= old.val
+        genome = inherit_genome(self.spec, [forks[i].genome for i in members], tf, cfg.selection.inherit, _seed_of(rng))
+        name = f"g{g + 1:02d}-seed" if self.cfg.selection.species == 1 else f"g{g + 1:02d}-seed{slot}"
+        variant = Variant(name, genome, g + 1, Origin.DISTILL, tuple(forks[i].id for i in members))
+        return Student(variant, student_weights, val, accepted, slot)
 
     def _diversity(
         self,
         model: torch.nn.Module,
         forks: list[Variant],
         results: list[LearnResult],
-        fork_seed: torch.Tensor,
+        fork_seeds: torch.Tensor,
+        species_of: list[int],
         weights: torch.Tensor,
         lineage: dict,
         g: int,
@@ -506,7 +578,9 @@ class PopulationRun:
         matrix: dict = {"ids": ids, "disagreement": []}
         if alive:
             w = weights[alive]
-            out.update(weight_distances(w, fork_seed))
+            out.update(weight_distances(w))
+            own = fork_seeds[[species_of[i] for i in alive]]  # each variant's own seed
+            out["weight_to_seed"] = float((w.double() - own.double()).norm(dim=1).mean())
             probs, hid = predict_many(model, w, x_val, with_hidden=True)
             p = probs.double().numpy()
             out.update(functional_diversity(p, y_val.numpy()))
@@ -519,23 +593,26 @@ class PopulationRun:
     def _checkpoint(
         self,
         g: int,
-        seed: Variant,
-        seed_weights: torch.Tensor,
-        seed_val: float,
+        seeds: list[Seed],
+        best: int,
         forks: list[Variant],
         lineage: dict,
         rng_state: dict,
     ) -> None:
+        tensors = {"seed": seeds[best].weights}
+        if len(seeds) > 1:
+            tensors.update({f"seed_{k}": s.weights.clone() for k, s in enumerate(seeds)})
         state = {
-            "seed": seed.to_dict(),
-            "seed_val_accuracy": seed_val,
+            "seed": seeds[best].variant.to_dict(),
+            "seed_val_accuracy": seeds[best].val,
+            "species": [{"seed": s.variant.to_dict(), "val_accuracy": s.val} for s in seeds],
             "genomes": {v.id: v.genome.as_dict() for v in forks},
             "lineage": lineage,
             # Each generation's generator is default_rng([run.seed, generation]); its state
             # after this generation is kept to show the stream is reproduced on resume.
             "rng": {"scheme": "numpy.default_rng([run.seed, generation])", "state": rng_state},
         }
-        write_checkpoint(self.run_dir, g, {"seed": seed_weights}, _jsonable(state))
+        write_checkpoint(self.run_dir, g, tensors, _jsonable(state))
 
 
 def _step_metrics(r: LearnResult, mode: str) -> dict[str, list[float]] | None:

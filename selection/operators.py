@@ -16,12 +16,16 @@ from deap import base, tools
 
 from population.genome import Genome, GenomeSpec
 
-SELECTORS = ("best", "tournament")
+SELECTORS = ("best", "tournament", "nsga2")
 INHERIT = ("crossover", "best", "choice")
 
 
 class FitnessMax(base.Fitness):
     weights = (1.0,)
+
+
+class FitnessNovelty(base.Fitness):
+    weights = (1.0, 1.0)  # both maximised: validation accuracy and novelty
 
 
 class Individual(list):
@@ -43,14 +47,27 @@ def seeded_random(seed: int) -> Iterator[None]:
         random.setstate(state)
 
 
-def select(fitnesses: Sequence[float], k: int, method: str, seed: int, tournament_size: int = 3) -> list[int]:
+def select(
+    fitnesses: Sequence[float],
+    k: int,
+    method: str,
+    seed: int,
+    tournament_size: int = 3,
+    novelty: Sequence[float] | None = None,
+) -> list[int]:
     """Indices of ``k`` distinct individuals chosen by ``method``, best first.
 
     Non-finite fitnesses (diverged variants) are never chosen. Tournament draws one winner at
-    a time from those not yet chosen, so the result has no repeats.
+    a time from those not yet chosen, so the result has no repeats. ``nsga2`` is DEAP's
+    NSGA-II over (fitness, ``novelty``): the non-dominated fronts in turn, the last one cut
+    by crowding distance.
     """
     if method not in SELECTORS:
         raise ValueError(f"unknown selection.method {method!r}; use one of {SELECTORS}")
+    if method == "nsga2":
+        if novelty is None or len(novelty) != len(fitnesses):
+            raise ValueError("selection.method=nsga2 needs one novelty score per variant")
+        return _select_nsga2(fitnesses, novelty, k, seed)
     pool = []
     for i, f in enumerate(fitnesses):
         if math.isfinite(f):
@@ -67,6 +84,21 @@ def select(fitnesses: Sequence[float], k: int, method: str, seed: int, tournamen
                 (win,) = tools.selTournament(pool, 1, tournsize=min(tournament_size, len(pool)))
                 chosen.append(win)
                 pool = [p for p in pool if p is not win]
+    chosen.sort(key=lambda ind: (-ind.fitness.values[0], ind.index))
+    return [ind.index for ind in chosen]
+
+
+def _select_nsga2(fitnesses: Sequence[float], novelty: Sequence[float], k: int, seed: int) -> list[int]:
+    pool = []
+    for i, (f, n) in enumerate(zip(fitnesses, novelty, strict=True)):
+        if math.isfinite(f):
+            ind = Individual([], i)
+            ind.fitness = FitnessNovelty()
+            ind.fitness.values = (f, float(n) if math.isfinite(n) else 0.0)
+            pool.append(ind)
+    k = min(k, len(pool))
+    with seeded_random(seed):
+        chosen = tools.selNSGA2(pool, k)
     chosen.sort(key=lambda ind: (-ind.fitness.values[0], ind.index))
     return [ind.index for ind in chosen]
 

@@ -55,6 +55,7 @@ class ForkTask:
     genome: dict[str, float]
     seed: int
     cost: float = 1.0  # expected work (samples x passes), for balancing groups across workers
+    seed_index: int = 0  # which row of a stack of seeds ``(n_species, n_params)`` it forks
 
 
 @dataclass
@@ -117,12 +118,16 @@ class GroupLearner:
             w, r = self._learn_one(seed_weights, task)
             flats.append(w)
             results.append(r)
-        return torch.stack(flats) if flats else torch.empty(0, seed_weights.numel()), results
+        return torch.stack(flats) if flats else torch.empty(0, seed_weights.shape[-1]), results
 
     def fork(self, seed_weights: torch.Tensor, task: ForkTask) -> torch.Tensor:
-        """The task's variant at birth: the seed's weights with its own seeded fork noise."""
+        """The task's variant at birth: its seed's weights with its own seeded fork noise.
+
+        ``seed_weights`` is one seed ``(n_params,)`` or one per species ``(n_species, n_params)``.
+        """
+        seed = seed_weights[task.seed_index] if seed_weights.dim() == 2 else seed_weights
         gen = torch.Generator().manual_seed(task.seed)
-        return perturb_weights(seed_weights, task.genome.get("fork_noise", 0.0), gen)
+        return perturb_weights(seed, task.genome.get("fork_noise", 0.0), gen)
 
     def _learn_batched(
         self, seed_weights: torch.Tensor, tasks: list[ForkTask]
@@ -130,7 +135,7 @@ class GroupLearner:
         assert self.engine is not None
         t0 = time.perf_counter()
         if not tasks:
-            return torch.empty(0, seed_weights.numel()), []
+            return torch.empty(0, seed_weights.shape[-1]), []
         flats = torch.stack([self.fork(seed_weights, t) for t in tasks])
         weights, records = self.engine.train(
             flats,

@@ -95,7 +95,7 @@ class RayPool:
         # A small seed travels inside the calls; a large one goes to the object store once.
         seed_ref = ray.put(seed) if seed.nbytes > INLINE_BYTES and len(groups) > 1 else seed
         refs = [a.learn.remote(seed_ref, g) for a, g in zip(self.actors, groups, strict=False)]
-        return t0, refs, tasks, seed_weights.numel()
+        return t0, refs, tasks, seed_weights.shape[-1]
 
     def collect(self, handle: tuple) -> tuple[torch.Tensor, list[LearnResult]]:
         t0, refs, tasks, n_params = handle
