@@ -95,6 +95,9 @@ class PopulationConfig(_Strict):
     genes: dict[str, GeneConfig] = Field(default_factory=_default_genes, description="Genes with bounds.")
     mutation_eta: float = Field(20.0, gt=0, description="Polynomial mutation crowding (larger: smaller steps).")
     mutation_indpb: float = Field(0.3, ge=0, le=1, description="Probability each gene mutates at a fork.")
+    rotate_niches: int = Field(
+        0, ge=0, description="Variant i learns niche (i + generation * rotate_niches) mod n_niches; 0: niche i."
+    )
 
     @field_validator("genes")
     @classmethod
@@ -113,11 +116,16 @@ class SelectionConfig(_Strict):
     method: Literal["best", "tournament", "nsga2"] = Field(
         "best", description="DEAP selection of teachers; nsga2: NSGA-II over (fitness, novelty)."
     )
-    k: int | None = Field(None, ge=1, description="Teachers distilled into the next seed; None: every variant (nsga2: half).")
+    k: int | None = Field(
+        None, ge=1, description="Teachers distilled into the next seed; None: every variant (nsga2: half)."
+    )
     tournament_size: int = Field(3, ge=2, description="Tournament size for method=tournament.")
     inherit: Literal["crossover", "best", "choice"] = Field("crossover", description="Seed genome from teachers.")
     species: int = Field(
         1, ge=1, description="Seeds kept: teachers are clustered by what they predict, each cluster its own seed."
+    )
+    merge_species: bool = Field(
+        True, description="With species: the last generation's teachers all distill one final seed."
     )
 
 
@@ -135,6 +143,12 @@ class DistillConfig(_Strict):
     )
     eval_every: int = Field(
         25, ge=0, description="Score the student on validation every N steps, keep the best; 0: off."
+    )
+    species_mix: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="With species: share of each seed's soft targets from the other clusters' teachers.",
     )
     elitism: bool = Field(True, description="Keep the old seed when the student is worse on validation.")
 

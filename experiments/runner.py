@@ -274,7 +274,8 @@ class PopulationRun:
                         cfg.population.mutation_eta,
                         cfg.population.mutation_indpb,
                     )
-                    v = Variant(f"g{g:02d}-v{i:03d}", genome, g, Origin.FORK, (parent.id,), i % cfg.n_niches)
+                    niche = (i + g * cfg.population.rotate_niches) % cfg.n_niches
+                    v = Variant(f"g{g:02d}-v{i:03d}", genome, g, Origin.FORK, (parent.id,), niche)
                     forks.append(v)
                     cost = len(self.data.niches[v.niche]) * genome.get("epochs", 1.0)
                     tasks.append(ForkTask(v.id, v.niche, genome.as_dict(), _seed_of(rng), cost, i % n_species))
@@ -313,7 +314,8 @@ class PopulationRun:
                     cfg.selection.tournament_size,
                     novelty=nov,
                 )
-                if n_species > 1 and teachers_idx:
+                merge = n_species > 1 and cfg.selection.merge_species and g == cfg.run.generations - 1
+                if n_species > 1 and teachers_idx and not merge:
                     sub = js[np.ix_(teachers_idx, teachers_idx)]
                     groups = [[teachers_idx[j] for j in c] for c in cluster_by_function(sub, n_species)]
                     slots = assign_slots(groups, [i % n_species for i in range(len(forks))], n_species)
@@ -325,10 +327,17 @@ class PopulationRun:
                 t0 = time.perf_counter()
                 students: list[Student] = []
                 for members, slot in zip(groups, slots, strict=False):
-                    st = self._distill(model, g, forks, fitness, weights, members, seeds[slot], rng, x_pool, slot)
+                    st = self._distill(
+                        model, g, forks, fitness, weights, members, teachers_idx, seeds[slot], rng, x_pool, slot
+                    )
                     lineage.add(st.variant)
                     students.append(st)
-                    if st.accepted:  # otherwise the old seed carries on and the next forks descend from it
+                    if merge:  # one final seed from every species' teachers, if it beats the best seed
+                        best_val = max(s.val for s in seeds)
+                        st.accepted = not cfg.distill.elitism or st.val >= best_val
+                        if st.accepted:
+                            seeds = [Seed(st.variant, st.weights, st.val)] * n_species
+                    elif st.accepted:  # otherwise the old seed carries on and the next forks descend from it
                         seeds[slot] = Seed(st.variant, st.weights, st.val)
                 tw = weights[teachers_idx] if teachers_idx else None
                 if teachers_idx:
@@ -520,22 +529,38 @@ class PopulationRun:
         fitness: list[float],
         weights: torch.Tensor,
         members: list[int],
+        teachers: list[int],
         old: Seed,
         rng: np.random.Generator,
         x_pool: torch.Tensor,
         slot: int,
     ) -> Student:
-        """Distill the teachers ``members`` (indices into ``forks``) into a new seed."""
+        """Distill the teachers ``members`` (indices into ``forks``) into a new seed.
+
+        With species and ``distill.species_mix`` > 0, the soft targets also take that share
+        from all of the generation's other teachers (``teachers``), so a species' seed stays
+        a generalist while it starts from, and mostly follows, its own cluster.
+        """
         cfg, data = self.cfg, self.data
         x_val, y_val = self._probe
-        tw = weights[members]
-        tf = [fitness[i] for i in members]
+        mix = cfg.distill.species_mix if cfg.selection.species > 1 else 0.0
+        others = [i for i in teachers if i not in members] if mix > 0 else []
+        sources = members + others
+        tw = weights[sources]
+        own_f = sum(fitness[i] for i in members)
+        tf = [fitness[i] * (1 - mix) / own_f for i in members]
+        if others:
+            other_f = sum(fitness[i] for i in others)
+            tf += [fitness[i] * mix / other_f for i in others]
         if cfg.distill.transfer == "all":
             transfer = x_pool
         else:
-            idx = np.concatenate([data.niches[forks[i].niche] for i in members])
+            idx = np.concatenate([data.niches[forks[i].niche] for i in sources])
             transfer = x_pool[torch.from_numpy(np.sort(idx))]
-        init = student_init(cfg.distill.init, old.weights, tw, tf, [len(data.niches[forks[i].niche]) for i in members])
+        k = len(members)
+        init = student_init(
+            cfg.distill.init, old.weights, tw[:k], tf[:k], [len(data.niches[forks[i].niche]) for i in members]
+        )
         student_weights, _ = distill(
             model,
             init,
@@ -553,9 +578,13 @@ class PopulationRun:
         )
         val = accuracy_of(model, student_weights, x_val, y_val)
         accepted = not cfg.distill.elitism or val >= old.val
-        genome = inherit_genome(self.spec, [forks[i].genome for i in members], tf, cfg.selection.inherit, _seed_of(rng))
-        name = f"g{g + 1:02d}-seed" if self.cfg.selection.species == 1 else f"g{g + 1:02d}-seed{slot}"
-        variant = Variant(name, genome, g + 1, Origin.DISTILL, tuple(forks[i].id for i in members))
+        genome = inherit_genome(
+            self.spec, [forks[i].genome for i in members], tf[:k], cfg.selection.inherit, _seed_of(rng)
+        )
+        merged = self.cfg.selection.species > 1 and len(members) == len(teachers) and self.cfg.selection.merge_species
+        merged = merged and g == self.cfg.run.generations - 1
+        name = f"g{g + 1:02d}-seed" if self.cfg.selection.species == 1 or merged else f"g{g + 1:02d}-seed{slot}"
+        variant = Variant(name, genome, g + 1, Origin.DISTILL, tuple(forks[i].id for i in sources))
         return Student(variant, student_weights, val, accepted, slot)
 
     def _diversity(
