@@ -268,9 +268,9 @@ def analyze(
     """Write PNG plots and one self-contained ``report.html`` for a run into ``out``."""
     from tqdm import tqdm
 
+    data = load_run(run_id, tracking_uri)  # a bad id fails here, before any output
     out.mkdir(parents=True, exist_ok=True)
     bar = tqdm(total=len(PLOTS) + 4, desc="analyze", unit="step", disable=not progress)
-    data = load_run(run_id, tracking_uri)
     bar.update(1)
     figures: list[tuple[str, Path]] = []
     for name, (title, keys) in PLOTS.items():

@@ -68,6 +68,66 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_study(args: argparse.Namespace) -> int:
+    from experiments.config import ConfigError
+    from experiments.study import format_table, load_study, mode_configs, summarize, write
+
+    path = Path(args.study)
+    if not path.exists():
+        path = Path(__file__).parent / "configs" / f"study_{args.study}.yaml"
+    if not path.exists():
+        return _fail(f"no study {args.study!r}: give a study YAML or a bundled name (diversity)")
+    try:
+        study = load_study(path)
+        configs = mode_configs(study, _resolve_config(str(study["base"])), args.set)
+        seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else study["seeds"]
+    except (ConfigError, ValueError) as e:
+        return _fail(str(e))
+
+    from experiments.analysis import compare
+    from experiments.runner import PopulationRun
+    from experiments.tracking import TrackingError
+    from workers.data import DataError
+
+    keys = study["report"]
+    rows = []
+    uri = args.tracking_uri
+    for name, cfg in configs.items():
+        for seed in seeds:
+            run_cfg = cfg.model_copy(
+                update={
+                    "run": cfg.run.model_copy(
+                        update={
+                            "seed": seed,
+                            "name": f"study-{name}",
+                            **({"backend": args.backend} if args.backend else {}),
+                        }
+                    )
+                }
+            )
+            print(f"forkpop: study mode {name}, seed {seed}", file=sys.stderr)
+            run = PopulationRun(run_cfg, tracking_uri=uri, progress=not args.quiet)
+            try:
+                s = run.run()
+            except (DataError, TrackingError) as e:
+                return _fail(str(e))
+            uri = s.tracking_uri
+            last = s.history[-1]
+            row = {"mode": name, "seed": seed, "mlflow_run_id": s.mlflow_run_id, "wall_seconds": s.wall_seconds}
+            for k in keys:
+                v = last["diversity"].get(k.removeprefix("div.")) if k.startswith("div.") else getattr(s, k, None)
+                row[k] = float(v) if v is not None else float("nan")
+            rows.append(row)
+    table = summarize(rows, keys)
+    print(format_table(table, keys))
+    out = Path(args.out)
+    print(f"forkpop: {write(out, rows, table)}")
+    first = [r["mlflow_run_id"] for r in rows if r["seed"] == seeds[0]]
+    files = compare(first, out, uri, progress=False)
+    print(f"forkpop: curves of seed {seeds[0]}'s runs: " + ", ".join(str(f) for f in files if f.suffix == ".png"))
+    return 0
+
+
 def _store_uri(arg: str | None) -> str:
     """``--tracking-uri``, ``MLFLOW_TRACKING_URI``, or ``runs/mlflow.db`` here, which must exist."""
     uri = arg or os.environ.get("MLFLOW_TRACKING_URI")
@@ -173,6 +233,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--backend", choices=["ray", "local"], default=None, help="override run.backend")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("study", help="run several modes of an experiment over several seeds and compare them")
+    p.add_argument("study", help="a study YAML, or the name of a bundled one (diversity)")
+    p.add_argument("--seeds", default=None, help="run seeds, e.g. 0,1,2 (default: the study's)")
+    p.add_argument("--out", default="study", help="folder for study.json and the comparison plots")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key of every mode")
+    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default as for run)")
+    p.add_argument("--backend", choices=["ray", "local"], default=None, help="override run.backend")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_study)
 
     store = "MLflow tracking URI (default: MLFLOW_TRACKING_URI, else runs/mlflow.db here)"
     p = sub.add_parser("lineage", help="print a run's lineage tree and write it as PNG, SVG, GraphML and JSON")

@@ -111,3 +111,45 @@ def test_loop_and_batched_engines_make_the_same_run(tmp_path):
     for ha, hb in zip(a.history, b.history, strict=True):
         assert ha["seed_test_accuracy"] == pytest.approx(hb["seed_test_accuracy"], abs=2e-3)
     assert [w["engine"] for w in a.workers] == ["loop"] and [w["engine"] for w in b.workers] == ["stacked"]
+
+
+def test_species_and_novelty_runs_keep_their_lineage_in_mlflow(tmp_path, tracking_uri):
+    run, s = _run(tmp_path, tracking_uri, selection={"species": 2, "k": None, "merge_species": True})
+    seeds = [v for v in run.lineage if v.origin is Origin.DISTILL]
+    # two species seeds per generation but the last, which merges every teacher into one
+    assert sorted(v.id for v in seeds) == ["g01-seed0", "g01-seed1", "g02-seed"]
+    assert len(seeds[-1].parents) == 6 and len(seeds[0].parents) + len(seeds[1].parents) == 6
+    assert seeds[-1].id == "g02-seed"
+    assert lineage_from_mlflow(s.mlflow_run_id, tracking_uri) == run.lineage
+    forks = [v for v in run.lineage if v.origin is Origin.FORK and v.generation == 1]
+    assert {v.parents[0] for v in forks} <= {"g01-seed0", "g01-seed1", "g00-seed"}
+    assert s.history[0]["diversity"]["species"] >= 1 and "disagreement" in s.history[0]["diversity"]
+    _, n = _run(tmp_path / "n", f"sqlite:///{tmp_path}/n.db", selection={"method": "nsga2", "k": 3})
+    assert all(len(h["teachers"]) == 3 for h in n.history)
+
+
+def test_lineage_analyze_and_compare_commands_read_mlflow_alone(tmp_path, tracking_uri):
+    run, s = _run(tmp_path, tracking_uri)
+    _, s2 = _run(tmp_path / "b", tracking_uri, run={"seed": 1})
+    base = [sys.executable, "-m", "experiments.cli"]
+    env_uri = ["--tracking-uri", tracking_uri]
+
+    def cli(*args):
+        return subprocess.run([*base, *args], capture_output=True, text=True, cwd=tmp_path, timeout=180)
+
+    p = cli("lineage", s.mlflow_run_id, "--out", str(tmp_path / "lin"), *env_uri)
+    assert p.returncode == 0, p.stderr[-1500:]
+    assert "g01-seed" in p.stdout and "teachers" in p.stdout
+    assert {f.name for f in (tmp_path / "lin").iterdir()} >= {"lineage.png", "lineage.svg", "lineage.graphml"}
+    assert (tmp_path / "lin" / "lineage.graphml").read_text().count("<edge ") == len(run.lineage.edges())
+    p = cli("analyze", s.mlflow_run_id, "--out", str(tmp_path / "rep"), "--quiet", *env_uri)
+    assert p.returncode == 0, p.stderr[-1500:]
+    pngs = list((tmp_path / "rep").glob("*.png"))
+    assert len(pngs) >= 4 and all(f.read_bytes()[:4] == b"\x89PNG" for f in pngs)
+    html = (tmp_path / "rep" / "report.html").read_text()
+    assert html.count("data:image/png;base64,") >= 4 and "div.disagreement" in html
+    p = cli("compare", s.mlflow_run_id, s2.mlflow_run_id, "--out", str(tmp_path / "cmp"), "--quiet", *env_uri)
+    assert p.returncode == 0, p.stderr[-1500:]
+    assert (tmp_path / "cmp" / "compare_seed_accuracy.png").exists()
+    p = cli("analyze", "nosuchrun", "--out", str(tmp_path / "x"), *env_uri)
+    assert p.returncode == 2 and p.stderr.count("\n") == 1 and "no MLflow run" in p.stderr

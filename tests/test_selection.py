@@ -107,3 +107,34 @@ def test_distillation_makes_the_student_agree_with_its_teacher():
     )
     after = accuracy_of(model, w, x, y_teacher)
     assert after > 0.9 > before and losses[-1] < losses[0]
+
+
+def test_nsga2_keeps_the_pareto_front_of_fitness_and_novelty():
+    from selection import select
+
+    fit = [0.9, 0.8, 0.7, 0.6, float("nan"), 0.85]
+    nov = [0.1, 0.5, 0.9, 0.2, 1.0, 0.05]
+    # Non-dominated: 0 (best fit), 1, 2 (most novel). 5 and 3 are dominated by 0 and 1.
+    got = select(fit, 3, "nsga2", seed=0, novelty=nov)
+    assert sorted(got) == [0, 1, 2]
+    assert 4 not in select(fit, 5, "nsga2", seed=0, novelty=nov)  # a diverged variant never
+    assert select(fit, 3, "nsga2", seed=1, novelty=nov) == got
+    with pytest.raises(ValueError, match="novelty"):
+        select(fit, 3, "nsga2", seed=0)
+
+
+def test_teachers_cluster_by_function_and_keep_their_slots():
+    import numpy as np
+
+    from selection.species import assign_slots, cluster_by_function
+
+    # Two tight groups {0, 1, 2} and {3, 4}, far apart.
+    pts = np.array([0.0, 0.1, 0.2, 5.0, 5.1])
+    d = np.abs(pts[:, None] - pts[None, :])
+    assert cluster_by_function(d, 2) == [[0, 1, 2], [3, 4]]
+    assert cluster_by_function(d, 1) == [[0, 1, 2, 3, 4]]
+    assert len(cluster_by_function(d, 5)) == 5
+    assert cluster_by_function(np.zeros((0, 0)), 3) == []
+    # Members of cluster 0 came mostly from slot 1, of cluster 1 also from slot 1: the
+    # larger cluster keeps slot 1, the other takes the first free slot.
+    assert assign_slots([[0, 1, 2], [3, 4]], [1, 1, 0, 1, 1], 2) == [1, 0]
