@@ -124,6 +124,9 @@ class SelectionConfig(_Strict):
     species: int = Field(
         1, ge=1, description="Seeds kept: teachers are clustered by what they predict, each cluster its own seed."
     )
+    species_from: int = Field(
+        0, ge=0, description="With species: the generation from which teachers split into species (one seed before)."
+    )
     merge_species: bool = Field(
         True, description="With species: the last generation's teachers all distill one final seed."
     )

@@ -314,7 +314,7 @@ class PopulationRun:
                     cfg.selection.tournament_size,
                     novelty=nov,
                 )
-                merge = n_species > 1 and cfg.selection.merge_species and g == cfg.run.generations - 1
+                merge = n_species > 1 and self._merged(g)
                 if n_species > 1 and teachers_idx and not merge:
                     sub = js[np.ix_(teachers_idx, teachers_idx)]
                     groups = [[teachers_idx[j] for j in c] for c in cluster_by_function(sub, n_species)]
@@ -332,7 +332,7 @@ class PopulationRun:
                     )
                     lineage.add(st.variant)
                     students.append(st)
-                    if merge:  # one final seed from every species' teachers, if it beats the best seed
+                    if merge:  # one seed from every species' teachers, if it beats the best seed
                         best_val = max(s.val for s in seeds)
                         st.accepted = not cfg.distill.elitism or st.val >= best_val
                         if st.accepted:
@@ -504,6 +504,12 @@ class PopulationRun:
         bar.update(1)
         bar.set_postfix(seed_val=f"{seed.val:.3f}", seed_test=f"{seed_test:.3f}", best=f"{rec.best_fitness:.3f}")
 
+    def _merged(self, g: int) -> bool:
+        """Whether generation ``g``'s teachers all distill one seed although there are species:
+        before ``selection.species_from``, and in the last generation with ``merge_species``."""
+        sel = self.cfg.selection
+        return g < sel.species_from or (sel.merge_species and g == self.cfg.run.generations - 1)
+
     def _functional_distances(
         self, model: torch.nn.Module, weights: torch.Tensor, fitness: list[float]
     ) -> tuple[np.ndarray, list[float]]:
@@ -581,9 +587,8 @@ class PopulationRun:
         genome = inherit_genome(
             self.spec, [forks[i].genome for i in members], tf[:k], cfg.selection.inherit, _seed_of(rng)
         )
-        merged = self.cfg.selection.species > 1 and len(members) == len(teachers) and self.cfg.selection.merge_species
-        merged = merged and g == self.cfg.run.generations - 1
-        name = f"g{g + 1:02d}-seed" if self.cfg.selection.species == 1 or merged else f"g{g + 1:02d}-seed{slot}"
+        single = self.cfg.selection.species == 1 or self._merged(g)
+        name = f"g{g + 1:02d}-seed" if single else f"g{g + 1:02d}-seed{slot}"
         variant = Variant(name, genome, g + 1, Origin.DISTILL, tuple(forks[i].id for i in sources))
         return Student(variant, student_weights, val, accepted, slot)
 
