@@ -153,3 +153,32 @@ def test_lineage_analyze_and_compare_commands_read_mlflow_alone(tmp_path, tracki
     assert (tmp_path / "cmp" / "compare_seed_accuracy.png").exists()
     p = cli("analyze", "nosuchrun", "--out", str(tmp_path / "x"), *env_uri)
     assert p.returncode == 2 and p.stderr.count("\n") == 1 and "no MLflow run" in p.stderr
+
+
+def test_a_study_runs_its_modes_and_bad_studies_say_why(tmp_path):
+    study = tmp_path / "s.yaml"
+    study.write_text(
+        f"base: {ROOT / 'experiments/configs/digits.yaml'}\nseeds: [0]\n"
+        "modes:\n  plain: {}\n  species: {selection: {species: 2}}\n"
+        "report: [seed_test_accuracy, div.disagreement, div.species]\n"
+    )
+    base = [sys.executable, "-m", "experiments.cli", "study", str(study), "--backend", "local", "--quiet"]
+    small = ["--set", "run.generations=2", "--set", "population.size=4", "--set", "data.n_niches=4"]
+    small += ["--set", f"run.run_dir={tmp_path}/runs", "--set", "selection.merge_species=false"]
+    p = subprocess.run(
+        [*base, *small, "--out", str(tmp_path / "out"), "--tracking-uri", f"sqlite:///{tmp_path}/m.db"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+    )
+    assert p.returncode == 0, p.stderr[-2000:]
+    res = json.loads((tmp_path / "out" / "study.json").read_text())
+    assert [r["mode"] for r in res["runs"]] == ["plain", "species"]
+    assert res["summary"]["species"]["div.species"] == 2 and res["summary"]["plain"]["div.species"] == 1
+    assert "| plain | 1 |" in p.stdout and (tmp_path / "out" / "compare_seed_accuracy.png").exists()
+    study.write_text("base: digits\nmodez: {}\n")
+    p = subprocess.run(
+        [*base, "--out", str(tmp_path / "o2")], capture_output=True, text=True, cwd=tmp_path, timeout=120
+    )
+    assert p.returncode == 2 and "unknown key 'modez'" in p.stderr and p.stderr.count("\n") == 1
