@@ -236,7 +236,11 @@ def plot_series(runs: list[RunData], keys: list[str], title: str, path: Path) ->
     ax.set_ylabel(", ".join(k.removeprefix("div.") for k in keys) if len(keys) < 3 else "value")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    if drawn > 4:  # many curves: the legend beside the axes, not over them
+        fig.set_size_inches(10, 4.5)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    else:
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
