@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 import queue
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,7 @@ class Tracker:
     set-up overlap Ray's start), at a lower CPU priority: MLflow's SQL store costs several
     milliseconds of CPU per run and must not hold the driver's interpreter lock or take the
     cores from the learners. Calls queue plain data; ``flush`` waits until it is written.
+    With ``FORKPOP_TRACKING_PROFILE=1`` the process prints each write's seconds to stderr.
     """
 
     def __init__(self, uri: str, experiment: str, artifact_root: Path | None = None, nice: int = 10):
@@ -212,6 +214,8 @@ def _writer_main(uri: str, experiment: str, artifact_root: str | None, nice: int
             error = f"{type(e).__name__}: {e}"
             acks.put(("error", error))
         busy += time.perf_counter() - t0
+        if os.environ.get("FORKPOP_TRACKING_PROFILE"):
+            print(f"[tracking] {kind} {time.perf_counter() - t0:.4f}s", file=sys.stderr, flush=True)
 
 
 class _Writer:
