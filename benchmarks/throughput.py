@@ -31,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from population import build_model, flat_weights  # noqa: E402
-from workers import DataSpec, ForkTask, GroupLearner, LearnerSpec, ModelSpec  # noqa: E402
+from workers import DataSpec, ForkTask, GroupLearner, LearnerSpec, ModelSpec, load_data  # noqa: E402
 from workers.engine import resolve_device  # noqa: E402
 
 BATCH = 32
@@ -55,7 +55,12 @@ def _tasks(n: int, epochs: int) -> list[ForkTask]:
 
 def bench_learner(engine: str, n: int, steps: int, repeats: int, device: str) -> dict:
     spec = LearnerSpec(
-        DataSpec(partition="iid", n_niches=N_NICHES), ModelSpec("mlp", HIDDEN), BATCH, engine=engine, device=device
+        DataSpec(partition="iid", n_niches=N_NICHES),
+        ModelSpec("mlp", HIDDEN),
+        BATCH,
+        torch.get_num_threads(),  # the learner sets its threads: keep the benchmark's
+        engine=engine,
+        device=device,
     )
     learner = GroupLearner(spec)
     d = learner.data
@@ -81,7 +86,7 @@ def bench_bmm(n: int, steps: int, repeats: int, device: torch.device) -> dict:
     """The hand-written reference: forward, backward and SGD as batched matrix products."""
     g = torch.Generator().manual_seed(0)
     spec = LearnerSpec(DataSpec(partition="iid", n_niches=N_NICHES), ModelSpec("mlp", HIDDEN), BATCH)
-    data = GroupLearner(spec).data
+    data = load_data(spec.data)
     x_pool = torch.from_numpy(data.x_pool).to(device)
     y_pool = torch.from_numpy(data.y_pool).to(device)
     d, h, c = data.n_features, HIDDEN[0], data.n_classes
@@ -138,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gpu-sizes", default="1024,8192,32768", help="GPU population sizes (batched and bmm)")
     ap.add_argument("--steps", type=int, default=100, help="learning steps per variant")
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=2, help="torch threads on the CPU")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: as each learner actor runs)")
     ap.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
