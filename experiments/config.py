@@ -43,6 +43,16 @@ class RunConfig(_Strict):
     run_dir: str = Field("runs", description="Root folder of run directories (checkpoints, config).")
 
 
+class PoisonConfig(_Strict):
+    kind: Literal["none", "label_flip", "backdoor", "noise"] = Field(
+        "none", description="How poisoned niches are altered: flipped labels, a backdoor trigger, input noise."
+    )
+    niches: int = Field(0, ge=0, description="How many niches are poisoned (chosen by data.seed).")
+    rate: float = Field(1.0, gt=0, le=1, description="Share of a poisoned niche's samples that are altered.")
+    target: int = Field(0, ge=0, description="The label a backdoor trigger maps to.")
+    noise_std: float = Field(0.5, gt=0, description="Standard deviation of the input noise for kind=noise.")
+
+
 class DataConfig(_Strict):
     source: Literal["digits", "file"] = Field("digits", description="scikit-learn digits, or your own file.")
     path: str | None = Field(None, description="An .npz (arrays x, y) or .csv (label column) file.")
@@ -55,6 +65,7 @@ class DataConfig(_Strict):
     min_niche_size: int = Field(8, ge=1, description="Smallest niche a Dirichlet draw may leave.")
     seed: int = Field(0, ge=0, description="Seeds the partition (kept fixed so runs compare).")
     batch_size: int = Field(16, ge=1, description="Mini-batch size of the niche streams.")
+    poison: PoisonConfig = Field(default_factory=PoisonConfig, description="Poisoned niches (Tay scenario).")
 
 
 class ModelConfig(_Strict):
@@ -121,6 +132,11 @@ class SelectionConfig(_Strict):
     )
     tournament_size: int = Field(3, ge=2, description="Tournament size for method=tournament.")
     inherit: Literal["crossover", "best", "choice"] = Field("crossover", description="Seed genome from teachers.")
+    screen: float = Field(
+        0.0,
+        ge=0,
+        description="Variants whose validation fitness is below median - screen x MAD are never teachers; 0: off.",
+    )
     species: int = Field(
         1, ge=1, description="Seeds kept: teachers are clustered by what they predict, each cluster its own seed."
     )
@@ -146,6 +162,12 @@ class DistillConfig(_Strict):
     )
     eval_every: int = Field(
         25, ge=0, description="Score the student on validation every N steps, keep the best; 0: off."
+    )
+    screen: float = Field(
+        0.0,
+        ge=0,
+        description="Drop teachers whose agreement with the others on the transfer set is below "
+        "median - screen x MAD; 0: keep all.",
     )
     species_mix: float = Field(
         0.0,
@@ -183,6 +205,16 @@ class ExperimentConfig(_Strict):
             )
         if self.data.source == "file" and not self.data.path:
             raise ValueError("data.source is 'file' but data.path is not set; set data.path")
+        if self.data.poison.niches > self.n_niches:
+            raise ValueError(
+                f"data.poison.niches={self.data.poison.niches} exceeds the {self.n_niches} niches; lower it"
+            )
+        if self.data.poison.kind != "none" and self.data.poison.niches == 0:
+            raise ValueError(f"data.poison.kind={self.data.poison.kind} poisons no niche; set data.poison.niches")
+        if self.selection.species > self.population.size:
+            raise ValueError(
+                f"selection.species={self.selection.species} exceeds population.size={self.population.size}; lower it"
+            )
         return self
 
     @property

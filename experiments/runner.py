@@ -30,11 +30,11 @@ from population.diversity import (
 )
 from population.genome import Genome
 from population.lineage import Lineage
-from population.models import build_model, flat_weights, predict_many
+from population.models import build_model, flat_weights, load_flat_weights, predict_many
 from population.variant import Origin, Variant
 from selection import accuracy_of, distill, ensemble_accuracy, inherit_genome, mutate_genome, select, student_init
-from selection.species import assign_slots, cluster_by_function
-from workers.data import DataSpec, load_data
+from selection.species import assign_slots, cluster_by_function, fitness_outliers, screen_by_agreement
+from workers.data import DataSpec, load_data, trigger
 from workers.learner import ForkTask, LearnerSpec, LearnResult, ModelSpec
 from workers.pool import Pool, make_pool, peak_rss_bytes
 
@@ -55,6 +55,8 @@ class GenerationRecord:
     student_accepted: bool
     diverged: int
     teachers: list[str]
+    poisoned_teachers: int = 0  # teachers that learned on a poisoned niche
+    backdoor_success: float = float("nan")  # share of triggered test inputs the seed sends to the target
     seconds: dict[str, float] = field(default_factory=dict)
     diversity: dict[str, float] = field(default_factory=dict)  # see population.diversity
 
@@ -103,6 +105,9 @@ class RunSummary:
     history: list[dict[str, Any]]
     seconds: dict[str, float]
     workers: list[dict[str, Any]] = field(default_factory=list)  # node, device, engine, peak_rss per worker
+    poisoned_niches: list[int] = field(default_factory=list)
+    poisoned_teachers: int = 0  # over all generations
+    backdoor_success: float = float("nan")  # of the final seed
     driver_peak_rss: int = 0
 
 
@@ -141,6 +146,11 @@ class PopulationRun:
             shards_per_niche=d.shards_per_niche,
             min_niche_size=d.min_niche_size,
             seed=d.seed,
+            poison_kind=d.poison.kind,
+            poison_niches=d.poison.niches,
+            poison_rate=d.poison.rate,
+            backdoor_target=d.poison.target,
+            noise_std=d.poison.noise_std,
         )
         self.model_spec = ModelSpec(cfg.model.family, tuple(cfg.model.hidden))
 
@@ -302,12 +312,16 @@ class PopulationRun:
                 fitness = [r.val_accuracy if r.status == "ok" else float("nan") for r in results]
                 for v in forks:
                     lineage.add(v)
+                # Screening: teachers whose validation fitness is an outlier below the rest are
+                # not eligible (a poisoned niche's variants score low on the clean split).
+                screened = fitness_outliers(fitness, cfg.selection.screen)
+                eligible = [float("nan") if i in screened else f for i, f in enumerate(fitness)]
                 js = None
                 nov = None
                 if cfg.selection.method == "nsga2" or n_species > 1:
                     js, nov = self._functional_distances(model, weights, fitness)
                 teachers_idx = select(
-                    fitness,
+                    eligible,
                     cfg.n_teachers,
                     cfg.selection.method,
                     _seed_of(rng),
@@ -396,6 +410,9 @@ class PopulationRun:
             seed_val_accuracy=last.seed_val_accuracy,
             history=[asdict(h) for h in history],
             seconds=totals,
+            poisoned_niches=list(data.poisoned),
+            poisoned_teachers=sum(h.poisoned_teachers for h in history),
+            backdoor_success=last.backdoor_success,
         )
 
     def _report(
@@ -455,6 +472,8 @@ class PopulationRun:
             tags = {"forkpop.status": r.status, "forkpop.teacher": str(v.id in teacher_ids).lower()}
             if len(seeds) > 1:
                 tags["forkpop.species"] = str(i % len(seeds))
+            if self.data.poisoned:
+                tags["forkpop.poisoned"] = str(v.niche in self.data.poisoned).lower()
             if r.reason:
                 tags["forkpop.reason"] = r.reason
             steps = _step_metrics(r, cfg.tracking.step_metrics)
@@ -476,6 +495,10 @@ class PopulationRun:
         t0 = time.perf_counter()
         ok = [f for f in fitness if math.isfinite(f)]
         main = students[0] if students else None
+        poisoned_teachers = sum(forks[i].niche in self.data.poisoned for i in teachers_idx)
+        backdoor = float("nan")
+        if self.cfg.data.poison.kind == "backdoor":
+            backdoor = self._backdoor_success(model, seed.weights)
         rec = GenerationRecord(
             generation=g,
             seed_id=seed.variant.id,
@@ -489,6 +512,8 @@ class PopulationRun:
             student_accepted=bool(main is not None and any(st.accepted for st in students)),
             diverged=len(results) - len(ok),
             teachers=sorted(teacher_ids),
+            poisoned_teachers=int(poisoned_teachers),
+            backdoor_success=backdoor,
             diversity=div,
         )
         self._checkpoint(g, seeds, best_slot, forks, lineage, rng_state)
@@ -503,6 +528,17 @@ class PopulationRun:
             totals[k] = totals.get(k, 0.0) + v
         bar.update(1)
         bar.set_postfix(seed_val=f"{seed.val:.3f}", seed_test=f"{seed_test:.3f}", best=f"{rec.best_fitness:.3f}")
+
+    def _backdoor_success(self, model: torch.nn.Module, weights: torch.Tensor) -> float:
+        """Share of test inputs of other classes that the trigger sends to the backdoor target."""
+        x_test, y_test = self._test
+        target = self.cfg.data.poison.target
+        keep = y_test != target
+        x = torch.from_numpy(trigger(x_test[keep].numpy()))
+        load_flat_weights(model, weights)
+        model.eval()
+        with torch.no_grad():
+            return float((model(x).argmax(1) == target).float().mean())
 
     def _merged(self, g: int) -> bool:
         """Whether generation ``g``'s teachers all distill one seed although there are species:
@@ -549,6 +585,9 @@ class PopulationRun:
         """
         cfg, data = self.cfg, self.data
         x_val, y_val = self._probe
+        if cfg.distill.screen > 0 and len(members) >= 3:  # drop teachers the others disagree with
+            preds, _ = predict_many(model, weights[members], x_pool)
+            members = [members[j] for j in screen_by_agreement(preds.argmax(-1).numpy(), cfg.distill.screen)]
         mix = cfg.distill.species_mix if cfg.selection.species > 1 else 0.0
         others = [i for i in teachers if i not in members] if mix > 0 else []
         sources = members + others

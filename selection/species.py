@@ -42,3 +42,33 @@ def assign_slots(clusters: list[list[int]], species_of: list[int], n_slots: int)
         taken.add(slot)
         slots.append(slot)
     return slots
+
+
+def screen_by_agreement(preds: np.ndarray, z: float) -> list[int]:
+    """Teachers to keep: those whose agreement with the others is not an outlier.
+
+    ``preds`` ``(n, m)`` are the teachers' predicted labels on the transfer set. A teacher's
+    agreement is the mean share of inputs on which it predicts what each other teacher does;
+    teachers below ``median - z * MAD`` of the agreements are dropped (the MAD floored at
+    0.01 so near-unanimous teachers do not drop a merely imperfect one). ``z <= 0`` keeps all.
+    """
+    n = preds.shape[0]
+    if z <= 0 or n < 3:
+        return list(range(n))
+    agree = (preds[:, None, :] == preds[None, :, :]).mean(-1)
+    score = (agree.sum(1) - 1.0) / (n - 1)
+    med = float(np.median(score))
+    mad = max(float(np.median(np.abs(score - med))), 0.01)
+    return [i for i in range(n) if score[i] >= med - z * mad]
+
+
+def fitness_outliers(fitness: list[float], z: float) -> set[int]:
+    """Variants whose fitness is below ``median - z * MAD`` of the live ones (MAD floored at
+    0.01); ``z <= 0`` flags none. Non-finite fitnesses are not counted (never selected anyway)."""
+    live = [(i, f) for i, f in enumerate(fitness) if np.isfinite(f)]
+    if z <= 0 or len(live) < 3:
+        return set()
+    vals = np.array([f for _, f in live])
+    med = float(np.median(vals))
+    mad = max(float(np.median(np.abs(vals - med))), 0.01)
+    return {i for i, f in live if f < med - z * mad}

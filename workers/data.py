@@ -33,6 +33,12 @@ class DataSpec:
     shards_per_niche: int = 2
     min_niche_size: int = 8
     seed: int = 0
+    # Poisoned niches (a data feature: the run knows which niches it poisoned).
+    poison_kind: str = "none"  # none | label_flip | backdoor | noise
+    poison_niches: int = 0
+    poison_rate: float = 1.0  # share of a poisoned niche's samples that are altered
+    backdoor_target: int = 0
+    noise_std: float = 0.5
 
     def key(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -55,6 +61,7 @@ class DataBundle:
     niches: tuple[np.ndarray, ...]
     n_classes: int
     plan: SplitPlan | None = None
+    poisoned: tuple[int, ...] = ()  # indices of the poisoned niches
 
     @property
     def n_features(self) -> int:
@@ -179,18 +186,72 @@ def _bundle_cached(key: str, plan: SplitPlan | None) -> DataBundle:
     plan = plan or _plan_cached(key)
     if len(_BUNDLES) >= 4:
         _BUNDLES.pop(next(iter(_BUNDLES)))
+    spec = DataSpec(**json.loads(key))
+    x_pool, y_pool = x[plan.pool], y[plan.pool]
+    n_classes = int(y.max()) + 1
+    poisoned = poison(spec, x_pool, y_pool, plan.niches, n_classes) if spec.poison_kind != "none" else ()
     bundle = _BUNDLES[key] = DataBundle(
-        x_pool=x[plan.pool],
-        y_pool=y[plan.pool],
+        x_pool=x_pool,
+        y_pool=y_pool,
         x_val=x[plan.val],
         y_val=y[plan.val],
         x_test=x[plan.test],
         y_test=y[plan.test],
         niches=plan.niches,
-        n_classes=int(y.max()) + 1,
+        n_classes=n_classes,
         plan=plan,
+        poisoned=poisoned,
     )
     return bundle
+
+
+POISONS = ("none", "label_flip", "backdoor", "noise")
+
+
+def trigger(x: np.ndarray) -> np.ndarray:
+    """The backdoor trigger: a bright 2x2 patch in the bottom-right corner of square images
+    (the last 4 features of other data), at the data's maximum value. Returns a copy."""
+    out = np.array(x, dtype=np.float32, copy=True)
+    n = out.shape[1]
+    side = int(round(n**0.5))
+    hi = 1.0
+    if side * side == n and side >= 4:
+        img = out.reshape(len(out), side, side)
+        img[:, -3:-1, -3:-1] = hi
+        return img.reshape(len(out), n)
+    out[:, -4:] = hi
+    return out
+
+
+def poison(
+    spec: DataSpec, x_pool: np.ndarray, y_pool: np.ndarray, niches: tuple[np.ndarray, ...], n_classes: int
+) -> tuple[int, ...]:
+    """Alter ``spec.poison_niches`` niches in place (chosen by ``spec.seed``); returns their indices.
+
+    ``label_flip``: labels y -> (y + 1) mod C; ``backdoor``: the trigger patch stamped on the
+    inputs and the label set to ``backdoor_target``; ``noise``: Gaussian noise of
+    ``noise_std`` added to the inputs. Each touches ``poison_rate`` of a niche's samples.
+    Validation and test data are never altered.
+    """
+    if spec.poison_kind not in POISONS:
+        raise DataError(f"unknown data.poison.kind {spec.poison_kind!r}; use one of {POISONS}")
+    if not 0 <= spec.poison_niches <= len(niches):
+        raise DataError(f"data.poison.niches is {spec.poison_niches} but there are {len(niches)} niches; lower it")
+    if spec.poison_kind == "backdoor" and not 0 <= spec.backdoor_target < n_classes:
+        raise DataError(f"data.poison.target {spec.backdoor_target} is not a class (0..{n_classes - 1}); change it")
+    rng = np.random.default_rng([spec.seed, 7919])
+    chosen = tuple(sorted(int(i) for i in rng.choice(len(niches), spec.poison_niches, replace=False)))
+    for i in chosen:
+        idx = niches[i]
+        hit = np.sort(rng.choice(idx, max(1, int(round(spec.poison_rate * len(idx)))), replace=False))
+        if spec.poison_kind == "label_flip":
+            y_pool[hit] = (y_pool[hit] + 1) % n_classes
+        elif spec.poison_kind == "backdoor":
+            x_pool[hit] = trigger(x_pool[hit])
+            y_pool[hit] = spec.backdoor_target
+        else:
+            x_pool[hit] = x_pool[hit] + rng.normal(0.0, spec.noise_std, x_pool[hit].shape).astype(np.float32)
+    return chosen
 
 
 def load_data(spec: DataSpec, plan: SplitPlan | None = None) -> DataBundle:
