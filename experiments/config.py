@@ -282,9 +282,8 @@ def build_config(raw: dict) -> ExperimentConfig:
         raise ConfigError(_format_error(e)) from None
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None, seed: int | None = None) -> ExperimentConfig:
-    """Read a YAML config, apply ``--set`` overrides and ``--seed``, and check it."""
-    p = Path(path)
+def _read_yaml(p: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """A config file as a mapping; ``base: NAME_OR_PATH`` lays it over another config first."""
     if not p.is_file():
         raise ConfigError(f"config file {str(p)!r} not found; give the path of a YAML config")
     try:
@@ -294,6 +293,23 @@ def load_config(path: str | Path, overrides: list[str] | None = None, seed: int 
         raise ConfigError(f"config file {str(p)!r} is not valid YAML ({first}); fix its syntax") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"config file {str(p)!r} must be a mapping of sections (run, data, ...)")
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    bp = Path(str(base))
+    if not bp.is_absolute() and not bp.exists():
+        near = p.parent / bp
+        bundled = Path(__file__).parent / "configs" / f"{base}.yaml"
+        bp = near if near.exists() else bundled
+    if bp.resolve() in seen:
+        raise ConfigError(f"config file {str(p)!r}: base {base!r} includes itself; break the cycle")
+    return deep_merge(_read_yaml(bp, (*seen, p.resolve())), raw)
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None, seed: int | None = None) -> ExperimentConfig:
+    """Read a YAML config (over its ``base``, if it names one), apply ``--set`` overrides and
+    ``--seed``, and check it."""
+    raw = _read_yaml(Path(path))
     # Laid over the defaults, so a partial section (one gene's init, say) keeps the rest.
     raw = apply_overrides(deep_merge(ExperimentConfig().model_dump(mode="json"), raw), overrides or [])
     if seed is not None:
