@@ -182,3 +182,22 @@ def test_a_study_runs_its_modes_and_bad_studies_say_why(tmp_path):
         [*base, "--out", str(tmp_path / "o2")], capture_output=True, text=True, cwd=tmp_path, timeout=120
     )
     assert p.returncode == 2 and "unknown key 'modez'" in p.stderr and p.stderr.count("\n") == 1
+
+
+@pytest.mark.chaos
+def test_a_diverging_variant_is_culled_recorded_and_never_a_teacher(tmp_path, tracking_uri):
+    genes = {"lr": {"low": 1e3, "high": 1e3, "init": 1e3, "kind": "log"}}
+    run, s = _run(tmp_path, tracking_uri, population={"genes": genes}, run={"generations": 1})
+    h = s.history[0]
+    assert h["diverged"] == 6 and h["teachers"] == [] and not h["student_accepted"]
+    from mlflow import MlflowClient
+
+    kids = MlflowClient(tracking_uri).search_runs(
+        ["1"], f"tags.mlflow.parentRunId = '{s.mlflow_run_id}' and tags.`forkpop.origin` = 'fork'"
+    )
+    assert len(kids) == 6
+    for r in kids:
+        t = r.data.tags
+        assert t["forkpop.status"] == "diverged" and t["forkpop.teacher"] == "false"
+        assert "exploded" in t["forkpop.reason"] or "non-finite" in t["forkpop.reason"]
+        assert "val_accuracy" not in r.data.metrics
