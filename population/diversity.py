@@ -48,7 +48,9 @@ def genome_matrix(genomes: Sequence[dict[str, float]], spec: GenomeSpec) -> np.n
 def genotype_spread(genomes: Sequence[dict[str, float]], spec: GenomeSpec) -> dict[str, float]:
     """Per gene: the standard deviation across the population in the gene's [0, 1] scale
     (``gene_std.<name>``); whole genome: the mean pairwise Euclidean distance of the scaled
-    genomes (``genome_distance``). Identical genomes give 0 everywhere."""
+    genomes (``genome_distance``). Identical genomes give 0 everywhere; no genomes, no measures."""
+    if len(genomes) == 0:
+        return {}
     x = genome_matrix(genomes, spec)
     out = {f"gene_std.{g.name}": float(x[:, j].std()) for j, g in enumerate(spec.genes)}
     d = np.sqrt(((x[:, None, :] - x[None, :, :]) ** 2).sum(-1))
