@@ -34,6 +34,9 @@ class RunConfig(_Strict):
     )
     num_cpus: int | None = Field(None, ge=1, description="CPUs for a locally started Ray; None: all.")
     torch_threads: int = Field(1, ge=1, description="Torch threads per learner process.")
+    retries: int = Field(
+        2, ge=0, description="Re-runs of a group whose Ray actor died; then its variants are recorded as failed."
+    )
     engine: Literal["batched", "loop"] = Field(
         "batched", description="batched: each actor's variants learn as one stacked step; loop: one by one."
     )

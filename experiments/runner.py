@@ -192,6 +192,7 @@ class PopulationRun:
             self.learner_spec(),
             n_workers=self.cfg.run.workers,
             n_variants=self.cfg.population.size,
+            retries=self.cfg.run.retries,
         )
 
     # -- the loop ----------------------------------------------------------------------------

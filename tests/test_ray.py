@@ -72,3 +72,79 @@ def test_actors_learn_as_batched_groups_sized_from_resources(ray_session):
     for a, b in zip(r1, r2, strict=True):
         assert a.loss == pytest.approx(b.loss, abs=1e-5) and a.epoch_ends == b.epoch_ends
     assert [r.variant_id for r in r2] == [t.variant_id for t in tasks]
+
+
+def _metric_points(uri, run_id):
+    from mlflow import MlflowClient
+
+    c = MlflowClient(uri)
+    exp = c.get_run(run_id).info.experiment_id
+    points = set()
+    for r in c.search_runs([exp], f"tags.mlflow.parentRunId = '{run_id}'", max_results=5000):
+        vid = r.data.tags["forkpop.variant_id"]
+        for key in r.data.metrics:
+            if key == "learn_seconds":  # a timing, not a result
+                continue
+            for m in c.get_metric_history(r.info.run_id, key):
+                points.add((vid, r.data.tags["forkpop.generation"], key, m.step, round(m.value, 6)))
+    return points
+
+
+def _chaos_submit(monkeypatch, victims):
+    """After each generation is submitted, SIGKILL one of the pool's actors (chosen by a seeded RNG)."""
+    import os
+    import random
+    import signal
+
+    import ray
+
+    from workers.ray_pool import RayPool
+
+    orig = RayPool.submit
+    rng = random.Random(0)
+
+    def chaotic(self, seed, tasks):
+        victim = rng.choice(self.actors)
+        pid = ray.get(victim.pid.remote())
+        handle = orig(self, seed, tasks)
+        os.kill(pid, signal.SIGKILL)
+        victims.append(pid)
+        return handle
+
+    monkeypatch.setattr(RayPool, "submit", chaotic)
+
+
+@pytest.mark.chaos
+def test_killing_an_actor_every_generation_loses_nothing(tmp_path, ray_session, monkeypatch):
+    def run(name, **run_opts):
+        cfg = tiny_config(tmp_path / name, run={"backend": "ray", "workers": 2, "generations": 5, **run_opts})
+        uri = f"sqlite:///{tmp_path}/{name}.db"
+        r = PopulationRun(cfg, tracking_uri=uri, progress=False)
+        return r, r.run(), uri
+
+    calm, calm_s, calm_uri = run("calm")
+    victims: list[int] = []
+    _chaos_submit(monkeypatch, victims)
+    wild, wild_s, wild_uri = run("wild")
+    assert len(victims) == 5
+    assert lineage_from_mlflow(wild_s.mlflow_run_id, wild_uri) == wild.lineage == calm.lineage
+    assert _metric_points(wild_uri, wild_s.mlflow_run_id) == _metric_points(calm_uri, calm_s.mlflow_run_id)
+    assert [h["diverged"] for h in wild_s.history] == [0] * 5
+
+
+@pytest.mark.chaos
+def test_a_group_whose_worker_keeps_dying_is_recorded_as_failed(tmp_path, ray_session, monkeypatch):
+    victims: list[int] = []
+    _chaos_submit(monkeypatch, victims)
+    cfg = tiny_config(tmp_path, run={"backend": "ray", "workers": 2, "generations": 1, "retries": 0})
+    r = PopulationRun(cfg, tracking_uri=f"sqlite:///{tmp_path}/m.db", progress=False)
+    s = r.run()
+    h = s.history[0]
+    assert 0 < h["diverged"] < 6  # one of the two groups failed, the other finished
+    from mlflow import MlflowClient
+
+    kids = MlflowClient(f"sqlite:///{tmp_path}/m.db").search_runs(
+        ["1"], f"tags.mlflow.parentRunId = '{s.mlflow_run_id}' and tags.`forkpop.status` = 'failed'"
+    )
+    assert len(kids) == h["diverged"] and all("worker lost" in k.data.tags["forkpop.reason"] for k in kids)
+    assert not set(h["teachers"]) & {k.data.tags["forkpop.variant_id"] for k in kids}

@@ -132,6 +132,7 @@ def make_pool(
     n_workers: int | None = None,
     cpus_per_worker: float = 1.0,
     n_variants: int | None = None,
+    retries: int = 2,
 ) -> Pool:
     """A pool for ``backend``; Ray is imported only when asked for."""
     if backend == "local":
@@ -141,5 +142,5 @@ def make_pool(
             from workers.ray_pool import RayPool
         except ImportError as e:  # pragma: no cover - ray is a declared dependency
             raise RuntimeError(f"backend 'ray' needs Ray ({e}); pip install 'ray' or use run.backend=local") from None
-        return RayPool(spec, n_workers, cpus_per_worker, n_variants=n_variants)
+        return RayPool(spec, n_workers, cpus_per_worker, n_variants=n_variants, retries=retries)
     raise ValueError(f"unknown run.backend {backend!r}; use one of {BACKENDS}")

@@ -39,6 +39,9 @@ class LearnerActor:
     def ping(self) -> str:
         return ray.get_runtime_context().get_node_id()
 
+    def pid(self) -> int:
+        return os.getpid()
+
     def describe(self) -> dict:
         """Where this actor computes and how: device, engine, peak memory (bytes)."""
         return {
@@ -53,6 +56,14 @@ class LearnerActor:
         """Learn the group; weights and results come back as plain arrays (zero-copy in Ray)."""
         w, results = self.learner.learn(torch.from_numpy(seed_weights.copy()), tasks)
         return w.numpy(), pack_results(results)
+
+
+def _failed(tasks: list[ForkTask], seed_weights: torch.Tensor, reason: str) -> tuple[np.ndarray, dict]:
+    """Results for variants whose worker could not finish them: status ``failed``, no fitness."""
+    res = [LearnResult(t.variant_id, val_accuracy=float("nan"), status="failed", reason=reason) for t in tasks]
+    seed = seed_weights if seed_weights.dim() == 1 else seed_weights[0]
+    w = seed.numpy()[None].repeat(len(tasks), 0)
+    return w, pack_results(res)
 
 
 class RayPool:
@@ -73,12 +84,16 @@ class RayPool:
         cpus_per_worker: float = 1.0,
         address: str | None = None,
         n_variants: int | None = None,
+        retries: int = 2,
     ):
         ensure_ray(address)
-        self.n_workers, opts = plan_workers(ray.cluster_resources(), spec, n_workers, cpus_per_worker, n_variants)
-        self.actors = [LearnerActor.options(**opts).remote(spec) for _ in range(self.n_workers)]
+        self.n_workers, self._opts = plan_workers(ray.cluster_resources(), spec, n_workers, cpus_per_worker, n_variants)
+        self.spec = spec
+        self.retries = retries
+        self.actors = [LearnerActor.options(**self._opts).remote(spec) for _ in range(self.n_workers)]
         self._ready = [a.ping.remote() for a in self.actors]
         self.stats = PoolStats()
+        self.replaced = 0  # actors lost and replaced so far
 
     def node_ids(self) -> list[str]:
         return ray.get(self._ready)
@@ -95,11 +110,31 @@ class RayPool:
         # A small seed travels inside the calls; a large one goes to the object store once.
         seed_ref = ray.put(seed) if seed.nbytes > INLINE_BYTES and len(groups) > 1 else seed
         refs = [a.learn.remote(seed_ref, g) for a, g in zip(self.actors, groups, strict=False)]
-        return t0, refs, tasks, seed_weights.shape[-1]
+        return t0, refs, groups, tasks, seed_weights, seed_ref
 
     def collect(self, handle: tuple) -> tuple[torch.Tensor, list[LearnResult]]:
-        t0, refs, tasks, n_params = handle
-        outs = [(w, unpack_results(p)) for w, p in ray.get(refs)]
+        """Wait for every group. A group whose actor dies (killed, out of memory) is re-run
+        from the generation's start on a fresh actor, up to ``retries`` times; then its
+        variants are recorded as failed, with the reason, and the generation goes on."""
+        t0, refs, groups, tasks, seed_weights, seed_ref = handle
+        n_params = seed_weights.shape[-1]
+        packed: list = [None] * len(refs)
+        tries = [0] * len(refs)
+        pending = {ref: k for k, ref in enumerate(refs)}
+        while pending:
+            (ready,), _ = ray.wait(list(pending), num_returns=1)
+            k = pending.pop(ready)
+            try:
+                packed[k] = ray.get(ready)
+            except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError) as e:
+                tries[k] += 1
+                self._replace(k)
+                if tries[k] <= self.retries:
+                    pending[self.actors[k].learn.remote(seed_ref, groups[k])] = k
+                    continue
+                reason = f"worker lost {tries[k]} times ({type(e).__name__}); gave up after run.retries={self.retries}"
+                packed[k] = _failed(groups[k], seed_weights, reason)
+        outs = [(w, unpack_results(p)) for w, p in packed]
         wall = time.perf_counter() - t0
         per_worker = [sum(r.seconds for r in res) for _, res in outs]
         self.stats = PoolStats(wall, max(per_worker, default=0.0), per_worker)
@@ -110,6 +145,14 @@ class RayPool:
             return torch.empty(0, n_params), []
         weights = torch.from_numpy(np.stack([outs[k][0][i] for k, i in order]))
         return weights, [outs[k][1][i] for k, i in order]
+
+    def _replace(self, k: int) -> None:
+        try:
+            ray.kill(self.actors[k])
+        except Exception:  # already gone
+            pass
+        self.actors[k] = LearnerActor.options(**self._opts).remote(self.spec)
+        self.replaced += 1
 
     def learn(self, seed_weights: torch.Tensor, tasks: list[ForkTask]) -> tuple[torch.Tensor, list[LearnResult]]:
         return self.collect(self.submit(seed_weights, tasks))
