@@ -104,3 +104,58 @@ def test_bundled_config_by_name():
 
     assert Path(_resolve_config("digits")) == DIGITS
     assert _resolve_config("my.yaml") == "my.yaml"
+
+
+def _files(tmp_path):
+    import numpy as np
+
+    np.savez(tmp_path / "nox.npz", a=np.zeros((4, 2)), y=np.zeros(4))
+    np.savez(tmp_path / "nan.npz", x=np.full((40, 2), np.nan), y=np.arange(40) % 2)
+    (tmp_path / "bad.csv").write_text("1,2,x\n3,4,\n")
+    (tmp_path / "list.yaml").write_text("- run\n")
+    (tmp_path / "broken.yaml").write_text("run: {seed: [1\n")
+    (tmp_path / "loop.yaml").write_text("base: loop.yaml\n")
+    (tmp_path / "study.yaml").write_text("base: digits\nmodes: {a: {run: {seeds: 3}}}\n")
+
+
+@pytest.mark.chaos
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["run", str(DIGITS), "--set", "selection.k=20"], "exceeds population.size"),
+        (["run", str(DIGITS), "--set", "model.family=transformer"], "model.family"),
+        (["run", str(DIGITS), "--set", "data.n_niches=5000"], "lower data.n_niches"),
+        (["run", str(DIGITS), "--set", "data.poison.niches=40", "--set", "data.poison.kind=label_flip"], "niches"),
+        (["run", str(DIGITS), "--set", "data.poison.kind=backdoor"], "set data.poison.niches"),
+        (
+            [
+                "run",
+                str(DIGITS),
+                "--set",
+                "data.poison.kind=backdoor",
+                "--set",
+                "data.poison.niches=2",
+                "--set",
+                "data.poison.target=11",
+            ],
+            "is not a class",
+        ),
+        (["run", str(DIGITS), "--set", "selection.species=40"], "selection.species=40 exceeds"),
+        (["run", str(DIGITS), "--set", "population.size"], "write key=value"),
+        (["run", str(DIGITS), "--set", "data.source=file", "--set", "data.path=nox.npz"], "arrays named 'x' and 'y'"),
+        (["run", str(DIGITS), "--set", "data.source=file", "--set", "data.path=nan.npz"], "NaN"),
+        (["run", str(DIGITS), "--set", "data.source=file", "--set", "data.path=bad.csv"], "could not be read"),
+        (["run", "list.yaml"], "mapping of sections"),
+        (["run", "broken.yaml"], "not valid YAML"),
+        (["run", "loop.yaml"], "includes itself"),
+        (["run", str(DIGITS), "--set", "run.engine=turbo"], "run.engine"),
+        (["run", str(DIGITS), "--set", "distill.aggregate=vote"], "distill.aggregate"),
+        (["study", "nosuchstudy"], "no study 'nosuchstudy'"),
+        (["study", "study.yaml"], "unknown key 'run.seeds'"),
+        (["lineage", "abc"], "no runs/mlflow.db here"),
+        (["analyze", "abc", "--out", "x", "--tracking-uri", "sqlite:///m.db"], "no MLflow run 'abc'"),
+    ],
+)
+def test_more_bad_inputs_are_one_line_and_status_2(tmp_path, args, needle):
+    _files(tmp_path)
+    test_cli_bad_input_is_one_line_and_status_2(tmp_path, args, needle)
