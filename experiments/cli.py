@@ -68,6 +68,38 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_resume(args: argparse.Namespace) -> int:
+    from experiments.checkpoint import CheckpointError
+    from experiments.config import ConfigError, load_config
+    from experiments.runner import PopulationRun
+    from experiments.tracking import TrackingError
+    from workers.data import DataError
+
+    run_dir = Path(args.run)
+    if not (run_dir / "run.json").is_file():
+        return _fail(f"{args.run!r} is not a run directory with run.json (give runs/<name>-s<seed>-<time>)")
+    try:
+        cfg = load_config(run_dir / "config.yaml")
+        if args.backend:
+            cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"backend": args.backend})})
+    except ConfigError as e:
+        return _fail(str(e))
+    run = PopulationRun(
+        cfg, tracking_uri=args.tracking_uri, address=args.address, progress=not args.quiet, resume_dir=run_dir
+    )
+    try:
+        run.load_data()
+        summary = run.run()
+    except (DataError, CheckpointError, TrackingError) as e:
+        return _fail(str(e))
+    except KeyboardInterrupt:
+        return _fail("interrupted; resume again to go on")
+    _print_summary(summary)
+    if args.summary:
+        Path(args.summary).write_text(json.dumps(summary.__dict__, indent=1, default=str))
+    return 0
+
+
 def cmd_study(args: argparse.Namespace) -> int:
     from experiments.config import ConfigError
     from experiments.study import format_table, load_study, mode_configs, summarize, write
@@ -237,6 +269,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--backend", choices=["ray", "local"], default=None, help="override run.backend")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("resume", help="continue a killed run from its last completed generation")
+    p.add_argument("run", help="the run directory (runs/<name>-s<seed>-<time>)")
+    p.add_argument("--summary", default=None, metavar="PATH", help="also write the summary as JSON")
+    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: the run's own)")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
+    p.add_argument("--backend", choices=["ray", "local"], default=None, help="override run.backend")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_resume)
 
     p = sub.add_parser("study", help="run several modes of an experiment over several seeds and compare them")
     p.add_argument("study", help="a study YAML, or the name of a bundled one (diversity)")

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from experiments.checkpoint import write_checkpoint
+from experiments.checkpoint import CheckpointError, read_checkpoint, write_checkpoint
 from experiments.config import ExperimentConfig, config_to_yaml
 from experiments.tracking import Tracker, resolve_tracking_uri
 from population.diversity import (
@@ -64,7 +64,7 @@ class GenerationRecord:
         m = {
             k: float(v)
             for k, v in asdict(self).items()
-            if isinstance(v, (int, float, bool)) and k not in ("generation",)
+            if isinstance(v, (int, float, bool)) and k not in ("generation",) and math.isfinite(float(v))
         }
         m.update({f"time_{k}": v for k, v in self.seconds.items()})
         m.update({f"div.{k}": v for k, v in self.diversity.items() if math.isfinite(v)})
@@ -125,6 +125,7 @@ class PopulationRun:
         tracking_uri: str | None = None,
         address: str | None = None,
         progress: bool = True,
+        resume_dir: Path | None = None,
     ):
         self.cfg = cfg
         self.progress = progress
@@ -132,6 +133,11 @@ class PopulationRun:
         stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S-%f")
         self.run_root = Path(cfg.run.run_dir)
         self.run_dir = self.run_root / f"{cfg.run.name}-s{cfg.run.seed}-{stamp}"
+        self.resume: dict | None = None
+        if resume_dir is not None:  # continue that run: its directory, MLflow run and store
+            self.run_dir = Path(resume_dir)
+            self.resume = json.loads((self.run_dir / "run.json").read_text())
+            tracking_uri = tracking_uri or self.resume["tracking_uri"]
         self.tracking_uri = resolve_tracking_uri(tracking_uri, cfg.tracking.uri, self.run_root)
         self.spec = cfg.population.genome_spec()
         d = cfg.data
@@ -173,8 +179,13 @@ class PopulationRun:
 
     def _start_tracker(self) -> Tracker:
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.yaml").write_text(config_to_yaml(self.cfg))
         tracker = Tracker(self.tracking_uri, self.cfg.tracking.experiment, self.run_root)
+        if self.resume is not None:
+            state = self._restore()
+            last = GenerationRecord(**state["records"][-1]).metrics() if state["records"] else None
+            tracker.attach(self.resume["mlflow_run_id"], state["generation"], last)
+            return tracker
+        (self.run_dir / "config.yaml").write_text(config_to_yaml(self.cfg))
         tracker.start(
             self.cfg.run.name,
             tags={"forkpop.kind": "population", "forkpop.run_dir": str(self.run_dir.resolve())},
@@ -217,6 +228,9 @@ class PopulationRun:
             fallback = next((w["reason"] for w in workers if w["engine"] == "loop"), None)
             if fallback and self.cfg.run.engine == "batched":
                 print(f"forkpop: variants learn one by one: {fallback}", file=sys.stderr)
+            if self.resume is None:  # what resume needs to find this run again
+                run_json = {"mlflow_run_id": tracker.wait_started(), "tracking_uri": self.tracking_uri}
+                (self.run_dir / "run.json").write_text(json.dumps(run_json))
             self.startup_seconds = time.perf_counter() - t_start
             summary = self._loop(pool, tracker, t_start)
             summary.workers = pool.describe()
@@ -252,22 +266,33 @@ class PopulationRun:
             )
         )
         root = Variant("g00-seed", self.spec.initial(), 0, Origin.SEED)
-        lineage = Lineage()
-        lineage.add(root)
-        root_val = accuracy_of(model, root_weights, x_val, y_val)
-        tracker.log_variant(root, {"val_accuracy": root_val})
-        # One slot per species; all start from the root and part ways at the first distillation.
         n_species = cfg.selection.species
-        seeds = [Seed(root, root_weights, root_val) for _ in range(n_species)]
-
         history: list[GenerationRecord] = []
         totals: dict[str, float] = {}
-        bar = _progress(cfg.run.generations, self.progress)
         last_teachers = torch.empty(0)
         last_best = root_weights
+        first = 0
+        if self.resume is not None and self._restored["generation"] >= 0:  # from the last good checkpoint
+            st = self._restored
+            lineage = Lineage.from_dict(st["state"]["lineage"])
+            seeds = st["seeds"]
+            history = [GenerationRecord(**r) for r in st["records"]]
+            if st["teachers"] is not None:
+                last_teachers, last_best = st["teachers"], st["teachers"][0]
+            first = st["generation"] + 1
+        else:
+            lineage = Lineage()
+            lineage.add(root)
+            root_val = accuracy_of(model, root_weights, x_val, y_val)
+            tracker.log_variant(root, {"val_accuracy": root_val})
+            # One slot per species; all start from the root and part ways at the first distillation.
+            seeds = [Seed(root, root_weights, root_val) for _ in range(n_species)]
+
+        bar = _progress(cfg.run.generations, self.progress)
+        bar.update(first)
         pending: Callable[[float | None], None] | None = None
         try:
-            for g in range(cfg.run.generations):
+            for g in range(first, cfg.run.generations):
                 t_gen = time.perf_counter()
                 rng = np.random.default_rng([cfg.run.seed, g])
                 secs: dict[str, float] = {}
@@ -517,7 +542,10 @@ class PopulationRun:
             backdoor_success=backdoor,
             diversity=div,
         )
-        self._checkpoint(g, seeds, best_slot, forks, lineage, rng_state)
+        # The checkpoint marks the generation done, so it is written once its records are in
+        # MLflow: a resume after a kill never lacks a record (later ones it deletes and redoes).
+        tracker.flush()
+        self._checkpoint(g, seeds, best_slot, forks, lineage, rng_state, rec, teacher_weights)
         secs["checkpoint"] = time.perf_counter() - t0
         # Overlapped with the next generation's learning unless this is the last one.
         secs["report"] = secs["evaluate"] + secs["tracking"] + secs["diversity"] + secs["checkpoint"]
@@ -529,6 +557,34 @@ class PopulationRun:
             totals[k] = totals.get(k, 0.0) + v
         bar.update(1)
         bar.set_postfix(seed_val=f"{seed.val:.3f}", seed_test=f"{seed_test:.3f}", best=f"{rec.best_fitness:.3f}")
+
+    def _restore(self) -> dict:
+        """The last checkpoint that loads and verifies (a corrupt one falls back to the one
+        before, saying so), with every earlier generation's record."""
+        folders = sorted((self.run_dir / "checkpoints").glob("gen-[0-9]*"), reverse=True)
+        for folder in folders:
+            try:
+                tensors, state = read_checkpoint(folder)
+                records = [read_checkpoint(f)[1]["record"] for f in sorted(folders) if f.name <= folder.name]
+            except CheckpointError as e:
+                print(f"forkpop: {e}; trying the generation before", file=sys.stderr)
+                continue
+            g = int(state["generation"])
+            seeds = []
+            for k, sp in enumerate(state["species"]):
+                w = tensors.get(f"seed_{k}", tensors["seed"])
+                seeds.append(Seed(Variant.from_dict(sp["seed"]), w, float(sp["val_accuracy"])))
+            self._restored = {
+                "generation": g,
+                "state": state,
+                "seeds": seeds,
+                "records": records,
+                "teachers": tensors.get("teachers"),
+            }
+            return self._restored
+        # Killed before its first checkpoint: it starts again, in the same MLflow run.
+        self._restored = {"generation": -1, "state": None, "seeds": [], "records": [], "teachers": None}
+        return self._restored
 
     def _backdoor_success(self, model: torch.nn.Module, weights: torch.Tensor) -> float:
         """Share of test inputs of other classes that the trigger sends to the backdoor target."""
@@ -672,11 +728,16 @@ class PopulationRun:
         forks: list[Variant],
         lineage: dict,
         rng_state: dict,
+        record: GenerationRecord | None = None,
+        teachers: torch.Tensor | None = None,
     ) -> None:
         tensors = {"seed": seeds[best].weights}
         if len(seeds) > 1:
             tensors.update({f"seed_{k}": s.weights.clone() for k, s in enumerate(seeds)})
+        if teachers is not None:
+            tensors["teachers"] = teachers.clone()
         state = {
+            "record": asdict(record) if record is not None else None,
             "seed": seeds[best].variant.to_dict(),
             "seed_val_accuracy": seeds[best].val,
             "species": [{"seed": s.variant.to_dict(), "val_accuracy": s.val} for s in seeds],

@@ -72,6 +72,12 @@ class Tracker:
     def start(self, run_name: str, tags: dict[str, str], params: dict[str, Any]) -> None:
         self._jobs.put(("start", run_name, tags, {k: _param_str(v) for k, v in params.items()}))
 
+    def attach(self, run_id: str, generation: int, last_metrics: dict[str, float] | None) -> None:
+        """Continue the existing parent run ``run_id`` after ``generation`` (its last
+        checkpoint): runs written for later generations are deleted (they are made again),
+        the last generation's metrics are written if the kill came before them."""
+        self._jobs.put(("attach", run_id, generation, last_metrics))
+
     def wait_started(self, timeout: float = 120.0) -> str:
         if self.run_id is None:
             self._wait_for("started", timeout)
@@ -175,8 +181,18 @@ def _writer_main(uri: str, experiment: str, artifact_root: str | None, nice: int
     error: str | None = None
     busy = 0.0
     held: list = []  # a job taken while gathering variants, handled next
+    parent = os.getppid()
     while True:
-        job = held.pop() if held else jobs.get()
+        if held:
+            job = held.pop()
+        else:
+            try:
+                job = jobs.get(timeout=2.0)
+            except queue.Empty:
+                if os.getppid() != parent:  # the driver was killed: what it queued is written
+                    job = ("finish", "KILLED")
+                else:
+                    continue
         kind = job[0]
         if kind == "flush":
             acks.put(("flushed", job[1], busy, time.process_time()))
@@ -208,7 +224,7 @@ def _writer_main(uri: str, experiment: str, artifact_root: str | None, nice: int
                 w.variants(batch)
             else:
                 getattr(w, kind)(*job[1:])
-            if kind == "start":
+            if kind in ("start", "attach"):
                 acks.put(("started", w.run_id))
         except Exception as e:
             error = f"{type(e).__name__}: {e}"
@@ -244,6 +260,34 @@ class _Writer:
         self.run_id = run.info.run_id
         self.client.log_batch(self.run_id, params=[Param(k, v) for k, v in params.items()])
         self.bulk = _BulkSql.for_client(self.client, exp_id) if self.use_bulk else None
+        self.bulk_off_reason = ""
+
+    def attach(self, run_id: str, generation: int, last_metrics: dict[str, float] | None) -> None:
+        from mlflow import MlflowClient
+        from mlflow.entities import Metric
+
+        self.client = MlflowClient(self.uri)
+        run = self.client.get_run(run_id)
+        self.run_id, self.experiment_id = run_id, run.info.experiment_id
+        self.client.update_run(run_id, status="RUNNING")
+        kids = self.client.search_runs([self.experiment_id], f"tags.mlflow.parentRunId = '{run_id}'", max_results=50000)
+        for r in kids:
+            t = r.data.tags
+            gen, origin = int(t.get("forkpop.generation", 0)), t.get("forkpop.origin", "")
+            stale = (origin == "fork" and gen > generation) or (origin == "distill" and gen > generation + 1)
+            stale = stale or (origin == "seed" and generation < 0)
+            if r.info.status == "RUNNING":
+                self.client.set_terminated(r.info.run_id, "KILLED")
+            if stale:
+                self.client.delete_run(r.info.run_id)
+        if last_metrics and generation >= 0:
+            have = {m.step for m in self.client.get_metric_history(run_id, "seed_val_accuracy")}
+            if generation not in have:
+                ts = int(time.time() * 1000)
+                ms = [Metric(k, float(v), ts, generation) for k, v in last_metrics.items()]
+                for i in range(0, len(ms), MAX_METRICS_PER_BATCH):
+                    self.client.log_batch(run_id, metrics=ms[i : i + MAX_METRICS_PER_BATCH])
+        self.bulk = _BulkSql.for_client(self.client, self.experiment_id) if self.use_bulk else None
         self.bulk_off_reason = ""
 
     def variants(self, batch: list[tuple]) -> None:

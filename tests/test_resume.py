@@ -1,0 +1,89 @@
+"""A run SIGKILLed mid-way and resumed ends as if it had never stopped."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from experiments.config import config_to_yaml
+from experiments.runner import PopulationRun
+from experiments.tracking import lineage_from_mlflow
+from tests.conftest import tiny_config
+
+pytestmark = pytest.mark.resume
+
+
+def _parent_metrics(uri, run_id):
+    from mlflow import MlflowClient
+
+    c = MlflowClient(uri)
+    run = c.get_run(run_id)
+    out = {}
+    for key in run.data.metrics:
+        if key.startswith("time_") or key.startswith("div.") and "seconds" in key:
+            continue
+        out[key] = [
+            (m.step, round(m.value, 9)) for m in sorted(c.get_metric_history(run_id, key), key=lambda m: m.step)
+        ]
+    kids = c.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{run_id}'", max_results=5000)
+    return run.info.status, out, sorted(r.data.tags["forkpop.variant_id"] for r in kids), [r.info.status for r in kids]
+
+
+def _cli(*args, cwd):
+    return [sys.executable, "-m", "experiments.cli", *args]
+
+
+def test_a_sigkilled_run_resumes_to_the_same_lineage_and_metrics(tmp_path):
+    cfg = tiny_config(tmp_path / "b", run={"generations": 10})
+    calm = PopulationRun(
+        tiny_config(tmp_path / "a", run={"generations": 10}), tracking_uri=f"sqlite:///{tmp_path}/a.db", progress=False
+    )
+    calm_s = calm.run()
+
+    yaml_path = tmp_path / "b.yaml"
+    yaml_path.write_text(config_to_yaml(cfg))
+    uri = f"sqlite:///{tmp_path}/b.db"
+    proc = subprocess.Popen(
+        _cli("run", str(yaml_path), "--tracking-uri", uri, "--quiet", cwd=tmp_path),
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    runs = Path(cfg.run.run_dir)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(runs.glob("*/checkpoints/gen-0003")):
+        assert proc.poll() is None, proc.stderr.read()
+        time.sleep(0.005)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    (run_dir,) = [d for d in runs.iterdir() if (d / "run.json").exists()]
+    done = sorted(p.name for p in (run_dir / "checkpoints").glob("gen-[0-9]*"))
+    assert 3 <= len(done) < 10
+
+    p = subprocess.run(
+        _cli("resume", str(run_dir), "--quiet", cwd=tmp_path), cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
+    assert p.returncode == 0, p.stderr[-2000:]
+    run_id = json.loads((run_dir / "run.json").read_text())["mlflow_run_id"]
+    assert lineage_from_mlflow(run_id, uri) == calm.lineage
+    status, metrics, kids, kid_status = _parent_metrics(uri, run_id)
+    calm_status, calm_metrics, calm_kids, _ = _parent_metrics(f"sqlite:///{tmp_path}/a.db", calm_s.mlflow_run_id)
+    assert status == calm_status == "FINISHED"
+    assert kids == calm_kids  # every birth once
+    assert set(kid_status) == {"FINISHED"}
+    assert metrics == calm_metrics  # every generation's figures, each step once
+    assert "final seed" in p.stdout
+
+
+def test_resume_refuses_what_is_not_a_run_directory(tmp_path):
+    p = subprocess.run(
+        _cli("resume", str(tmp_path), cwd=tmp_path), cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
+    assert p.returncode == 2 and "not a run directory" in p.stderr and p.stderr.count("\n") == 1
