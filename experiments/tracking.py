@@ -280,8 +280,11 @@ class _Writer:
                 self.client.set_terminated(r.info.run_id, "KILLED")
             if stale:
                 self.client.delete_run(r.info.run_id)
+        have = {m.step for m in self.client.get_metric_history(run_id, "seed_val_accuracy")}
+        # A generation redone after a corrupt checkpoint was logged before, with the same
+        # figures (a run is deterministic): its metrics are not written twice.
+        self.logged_steps = {s for s in have if s > generation}
         if last_metrics and generation >= 0:
-            have = {m.step for m in self.client.get_metric_history(run_id, "seed_val_accuracy")}
             if generation not in have:
                 ts = int(time.time() * 1000)
                 ms = [Metric(k, float(v), ts, generation) for k, v in last_metrics.items()]
@@ -322,6 +325,8 @@ class _Writer:
     def generation(self, generation: int, metrics: dict[str, float]) -> None:
         from mlflow.entities import Metric
 
+        if generation in getattr(self, "logged_steps", ()):
+            return
         ts = int(time.time() * 1000)
         self.client.log_batch(self.run_id, metrics=[Metric(k, v, ts, generation) for k, v in metrics.items()])
 

@@ -87,3 +87,19 @@ def test_resume_refuses_what_is_not_a_run_directory(tmp_path):
         _cli("resume", str(tmp_path), cwd=tmp_path), cwd=tmp_path, capture_output=True, text=True, timeout=60
     )
     assert p.returncode == 2 and "not a run directory" in p.stderr and p.stderr.count("\n") == 1
+
+
+def test_a_corrupt_last_checkpoint_falls_back_to_the_one_before(tmp_path):
+    cfg = tiny_config(tmp_path, run={"generations": 3})
+    uri = f"sqlite:///{tmp_path}/m.db"
+    first = PopulationRun(cfg, tracking_uri=uri, progress=False)
+    s = first.run()
+    last = Path(s.run_dir) / "checkpoints" / "gen-0002" / "weights.safetensors"
+    last.write_bytes(last.read_bytes()[:-7])  # truncated
+    p = subprocess.run(_cli("resume", s.run_dir, "--quiet", cwd=tmp_path), cwd=tmp_path, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "fails its sha256 check" in p.stderr and "trying the generation before" in p.stderr
+    assert lineage_from_mlflow(s.mlflow_run_id, uri) == first.lineage  # generation 2 made again, once
+    status, metrics, kids, _ = _parent_metrics(uri, s.mlflow_run_id)
+    assert status == "FINISHED" and len(kids) == len(set(kids)) == len(first.lineage)
+    assert [step for step, _ in metrics["seed_test_accuracy"]] == [0, 1, 2]
