@@ -16,9 +16,9 @@ DATA = DataSpec(n_niches=6, alpha=0.5)
 # with short last batches); the last one diverges.
 GENOMES = [
     {"lr": 0.05, "momentum": 0.9, "weight_decay": 1e-5, "epochs": 3, "fork_noise": 0.01},
-    {"lr": 0.2, "momentum": 0.0, "weight_decay": 0.0, "epochs": 1, "fork_noise": 0.02},
+    {"lr": 0.2, "momentum": 0.0, "weight_decay": 0.0, "epochs": 1, "fork_noise": 0.02, "clip": 0.5},
     {"lr": 0.01, "momentum": 0.5, "weight_decay": 1e-3, "epochs": 2, "fork_noise": 0.0},
-    {"lr": 0.1, "momentum": 0.8, "weight_decay": 1e-4, "epochs": 4, "fork_noise": 0.01},
+    {"lr": 0.1, "momentum": 0.8, "weight_decay": 1e-4, "epochs": 4, "fork_noise": 0.01, "clip": 2.0},
     {"lr": 0.03, "momentum": 0.95, "weight_decay": 1e-2, "epochs": 2, "fork_noise": 0.03},
     {"lr": 1e3, "momentum": 0.99, "weight_decay": 0.0, "epochs": 5, "fork_noise": 0.0},
 ]
@@ -134,3 +134,11 @@ def test_device_choice():
             resolve_device("cuda")
     with pytest.raises(ValueError, match="run.device"):
         resolve_device("tpu")
+
+
+def test_a_clip_gene_caps_the_gradient_and_tames_a_huge_learning_rate():
+    wild = {"lr": 50.0, "momentum": 0.9, "weight_decay": 0.0, "epochs": 3, "fork_noise": 0.0}
+    tasks = [ForkTask("free", 0, wild, 1), ForkTask("clipped", 0, {**wild, "clip": 0.01}, 1)]
+    for engine in ("loop", "batched"):
+        _, _, (free, clipped) = _learn("mlp", (32,), engine, tasks)
+        assert free.status == "diverged" and clipped.status == "ok", (engine, free.reason, clipped.reason)

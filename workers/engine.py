@@ -317,8 +317,13 @@ class BatchedEngine:
         lr: list[float],
         momentum: list[float],
         weight_decay: list[float],
+        clip: list[float] | None = None,
     ) -> tuple[torch.Tensor, list[VariantRecord]]:
-        """Learn ``flats`` ``(n, n_params)`` on their niches; returns the weights (CPU) and records."""
+        """Learn ``flats`` ``(n, n_params)`` on their niches; returns the weights (CPU) and records.
+
+        ``clip`` (per variant, 0: none) caps each variant's global gradient norm, as
+        ``torch.nn.utils.clip_grad_norm_`` does, before weight decay and momentum.
+        """
         n = flats.shape[0]
         if n == 0:
             return flats.clone(), []
@@ -341,6 +346,7 @@ class BatchedEngine:
             return torch.tensor(np.asarray(values, dtype=np.float64)[order], dtype=torch.float32, device=dev)
 
         hyper = {"lr": per_variant(lr), "mom": per_variant(momentum), "wd": per_variant(weight_decay)}
+        clip_d = per_variant(clip) if clip is not None and any(c > 0 for c in clip) else None
         shaped = {(name, p.dim()): v.view(-1, *([1] * (p.dim() - 1))) for name, v in hyper.items() for p in params}
         off_d = torch.from_numpy(off_s).to(dev)
         nb_d = torch.from_numpy(nb_s).to(dev)
@@ -384,6 +390,12 @@ class BatchedEngine:
                         )
                         snapshots[i] = torch.cat([p[i].reshape(-1) for p in params])
                     alive[:k] &= ~bad
+                if clip_d is not None:
+                    norm = torch.sqrt(sum(gr.reshape(k, -1).pow(2).sum(1) for gr in grads))
+                    coef = torch.clamp(clip_d[:k] / (norm + 1e-6), max=1.0)
+                    coef = torch.where(clip_d[:k] > 0, coef, torch.ones_like(coef))
+                    for gr in grads:
+                        gr.mul_(coef.view(-1, *([1] * (gr.dim() - 1))))
                 for p, g, b in zip(params, grads, bufs, strict=True):
                     d = p.dim()
                     pk, bk = p[:k], b[:k]

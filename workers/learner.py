@@ -144,6 +144,7 @@ class GroupLearner:
             lr=[t.genome["lr"] for t in tasks],
             momentum=[t.genome.get("momentum", 0.0) for t in tasks],
             weight_decay=[t.genome.get("weight_decay", 0.0) for t in tasks],
+            clip=[float(t.genome.get("clip", 0.0)) for t in tasks],
         )
         # The group learns as one; each variant is charged its share of the group's time.
         share = (time.perf_counter() - t0) / len(tasks)
@@ -170,6 +171,7 @@ class GroupLearner:
         params = list(model.parameters())
         bufs: list[torch.Tensor | None] = [None] * len(params)
         lr, momentum, wd = g["lr"], g.get("momentum", 0.0), g.get("weight_decay", 0.0)
+        clip = float(g.get("clip", 0.0))
         result = LearnResult(task.variant_id, val_accuracy=float("nan"))
         correct = seen = 0
         batches = self.streams[task.niche % len(self.streams)]
@@ -189,7 +191,12 @@ class GroupLearner:
                     result.status = "diverged"
                     result.reason = f"loss exploded to {lv:.3g} at step {len(result.loss)} (first {result.loss[0]:.3g})"
                     break
-                sgd_step(params, torch.autograd.grad(loss, params), bufs, lr, momentum, wd)
+                grads = torch.autograd.grad(loss, params)
+                if clip > 0:  # as torch.nn.utils.clip_grad_norm_: the global norm at most ``clip``
+                    norm = torch.sqrt(sum((gr.detach() ** 2).sum() for gr in grads))
+                    coef = torch.clamp(clip / (norm + 1e-6), max=1.0)
+                    grads = [gr * coef for gr in grads]
+                sgd_step(params, grads, bufs, lr, momentum, wd)
                 result.loss.append(lv)
                 result.preq_accuracy.append(correct / seen)
             result.epoch_ends.append(len(result.loss))
