@@ -189,6 +189,12 @@ class TrackingConfig(_Strict):
         description="Variant curves as MLflow metrics: per batch (preq_accuracy, loss), per pass over the "
         "niche (preq_accuracy_epoch, loss_epoch), or none. Full per-batch curves are always in steps/ artifacts.",
     )
+    collapse_window: int = Field(
+        3,
+        ge=0,
+        description="Collapse alarm when the seed's validation accuracy and prediction entropy have both "
+        "fallen at each of this many generations in a row; 0: off.",
+    )
 
 
 class ExperimentConfig(_Strict):

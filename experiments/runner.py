@@ -55,6 +55,8 @@ class GenerationRecord:
     student_accepted: bool
     diverged: int
     teachers: list[str]
+    seed_entropy: float = float("nan")  # mean prediction entropy of the seed on the validation split (nats)
+    collapse_alarm: bool = False  # validation accuracy and entropy both fell over the last generations
     poisoned_teachers: int = 0  # teachers that learned on a poisoned niche
     backdoor_success: float = float("nan")  # share of triggered test inputs the seed sends to the target
     seconds: dict[str, float] = field(default_factory=dict)
@@ -522,6 +524,15 @@ class PopulationRun:
         ok = [f for f in fitness if math.isfinite(f)]
         main = students[0] if students else None
         poisoned_teachers = sum(forks[i].niche in self.data.poisoned for i in teachers_idx)
+        sp, _ = predict_many(model, seed.weights[None], self._probe[0])
+        entropy = float(-(sp * torch.log(sp.clamp_min(1e-12))).sum(-1).mean())
+        alarm = self._collapse(history, seed.val, entropy)
+        if alarm and not any(h.collapse_alarm for h in history):
+            print(
+                f"forkpop: collapse alarm at generation {g}: the seed's validation accuracy and prediction "
+                f"entropy have both fallen for {cfg.tracking.collapse_window} generations",
+                file=sys.stderr,
+            )
         backdoor = float("nan")
         if self.cfg.data.poison.kind == "backdoor":
             backdoor = self._backdoor_success(model, seed.weights)
@@ -538,6 +549,8 @@ class PopulationRun:
             student_accepted=bool(main is not None and any(st.accepted for st in students)),
             diverged=len(results) - len(ok),
             teachers=sorted(teacher_ids),
+            seed_entropy=entropy,
+            collapse_alarm=alarm,
             poisoned_teachers=int(poisoned_teachers),
             backdoor_success=backdoor,
             diversity=div,
@@ -557,6 +570,17 @@ class PopulationRun:
             totals[k] = totals.get(k, 0.0) + v
         bar.update(1)
         bar.set_postfix(seed_val=f"{seed.val:.3f}", seed_test=f"{seed_test:.3f}", best=f"{rec.best_fitness:.3f}")
+
+    def _collapse(self, history: list[GenerationRecord], val: float, entropy: float) -> bool:
+        """Whether validation accuracy and prediction entropy have both fallen at each of the
+        last ``tracking.collapse_window`` generations (the model-collapse signature)."""
+        w = self.cfg.tracking.collapse_window
+        if w <= 0 or len(history) < w:
+            return False
+        vals = [h.seed_val_accuracy for h in history[-w:]] + [val]
+        ents = [h.seed_entropy for h in history[-w:]] + [entropy]
+        fell = [vals[i + 1] < vals[i] and ents[i + 1] < ents[i] for i in range(w)]
+        return all(fell)
 
     def _restore(self) -> dict:
         """The last checkpoint that loads and verifies (a corrupt one falls back to the one

@@ -201,3 +201,21 @@ def test_a_diverging_variant_is_culled_recorded_and_never_a_teacher(tmp_path, tr
         assert t["forkpop.status"] == "diverged" and t["forkpop.teacher"] == "false"
         assert "exploded" in t["forkpop.reason"] or "non-finite" in t["forkpop.reason"]
         assert "val_accuracy" not in r.data.metrics
+
+
+@pytest.mark.chaos
+def test_the_collapse_alarm_reads_falling_accuracy_and_entropy(tmp_path):
+    from experiments.runner import GenerationRecord
+
+    run = PopulationRun(tiny_config(tmp_path, tracking={"collapse_window": 2}), progress=False)
+
+    def rec(val, ent):
+        return GenerationRecord(0, "s", val, 0, 0, 0, 0, 0, 0, False, 0, [], seed_entropy=ent)
+
+    falling = [rec(0.9, 1.0), rec(0.8, 0.7)]
+    assert run._collapse(falling, 0.7, 0.5)  # both fell twice in a row
+    assert not run._collapse(falling, 0.7, 0.9)  # entropy rose
+    assert not run._collapse(falling, 0.85, 0.5)  # accuracy rose
+    assert not run._collapse(falling[:1], 0.7, 0.5)  # too short a history
+    _, s = _run(tmp_path / "r", f"sqlite:///{tmp_path}/r.db")
+    assert all(h["seed_entropy"] > 0 for h in s.history) and not any(h["collapse_alarm"] for h in s.history)
