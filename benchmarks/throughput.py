@@ -12,7 +12,8 @@ rate, momentum and weight decay), mini-batches of 32, for about ``--steps`` step
 - ``bmm`` is the reference: the same network and optimizer written by hand as batched matrix
   products (transposed layout, backward written out), on full batches, with no metrics.
 
-Samples/s counts the samples learned, best of ``--repeats`` timed runs after a warm-up.
+Samples/s counts the samples learned, best of ``--repeats`` timed runs (the engines taking
+turns) after a warm-up.
 On a GPU (``--device auto`` finds one) the batched engine and bmm also run at 1,024, 8,192
 and 32,768 variants. The table goes to stdout; ``--json PATH`` writes the rows too.
 """
@@ -142,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sizes", default="1,16,64,256", help="CPU population sizes")
     ap.add_argument("--gpu-sizes", default="1024,8192,32768", help="GPU population sizes (batched and bmm)")
     ap.add_argument("--steps", type=int, default=100, help="learning steps per variant")
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs per engine, taken in turns")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: as each learner actor runs)")
     ap.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     args = ap.parse_args(argv)
@@ -161,9 +162,19 @@ def main(argv: list[str] | None = None) -> int:
 
     cpu = torch.device("cpu")
     for n in [int(s) for s in args.sizes.split(",") if s]:
-        add(bench_learner("loop", n, args.steps, args.repeats, "cpu"))
-        add(bench_learner("batched", n, args.steps, args.repeats, "cpu"))
-        add(bench_bmm(n, args.steps, args.repeats, cpu))
+        # The engines take turns, repeat after repeat, so a slow moment of the machine
+        # falls on all of them alike; each keeps its best repeat.
+        best: dict[str, dict] = {}
+        for _ in range(args.repeats):
+            for row in (
+                bench_learner("loop", n, args.steps, 1, "cpu"),
+                bench_learner("batched", n, args.steps, 1, "cpu"),
+                bench_bmm(n, args.steps, 1, cpu),
+            ):
+                if row["engine"] not in best or row["samples_per_s"] > best[row["engine"]]["samples_per_s"]:
+                    best[row["engine"]] = row
+        for engine in ("loop", "batched", "bmm"):
+            add(best[engine])
     if device.type == "cuda":
         add(bench_learner("loop", 16, args.steps // 4, 1, "cpu"))
         for n in [int(s) for s in args.gpu_sizes.split(",") if s]:
