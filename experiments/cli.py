@@ -44,16 +44,23 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from experiments.checkpoint import CheckpointError
     from experiments.runner import PopulationRun
-    from experiments.tracking import TrackingError
+    from experiments.tracking import TrackingError, redact
     from workers.data import DataError
+    from workers.pool import ClusterError
 
-    run = PopulationRun(cfg, tracking_uri=args.tracking_uri, address=args.address, progress=not args.quiet)
+    run = PopulationRun(
+        cfg,
+        tracking_uri=args.tracking_uri,
+        address=args.address,
+        progress=not args.quiet,
+        allow_unauthenticated_ray=args.allow_unauthenticated_ray,
+    )
     try:
         run.load_data()  # data errors surface before anything starts or is recorded
         print(f"forkpop: run directory {run.run_dir}", file=sys.stderr)
-        print(f"forkpop: MLflow store {run.tracking_uri}", file=sys.stderr)
+        print(f"forkpop: MLflow store {redact('uri', run.tracking_uri)}", file=sys.stderr)
         summary = run.run()
-    except (DataError, CheckpointError, TrackingError) as e:
+    except (DataError, CheckpointError, TrackingError, ClusterError) as e:
         return _fail(str(e))
     except KeyboardInterrupt:
         return _fail("interrupted; the MLflow run is marked KILLED and checkpoints up to the last generation are kept")
@@ -74,6 +81,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
     from experiments.runner import PopulationRun
     from experiments.tracking import TrackingError
     from workers.data import DataError
+    from workers.pool import ClusterError
 
     run_dir = Path(args.run)
     if not (run_dir / "run.json").is_file():
@@ -85,12 +93,17 @@ def cmd_resume(args: argparse.Namespace) -> int:
     except ConfigError as e:
         return _fail(str(e))
     run = PopulationRun(
-        cfg, tracking_uri=args.tracking_uri, address=args.address, progress=not args.quiet, resume_dir=run_dir
+        cfg,
+        tracking_uri=args.tracking_uri,
+        address=args.address,
+        progress=not args.quiet,
+        resume_dir=run_dir,
+        allow_unauthenticated_ray=args.allow_unauthenticated_ray,
     )
     try:
         run.load_data()
         summary = run.run()
-    except (DataError, CheckpointError, TrackingError) as e:
+    except (DataError, CheckpointError, TrackingError, ClusterError) as e:
         return _fail(str(e))
     except KeyboardInterrupt:
         return _fail("interrupted; resume again to go on")
@@ -266,6 +279,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--summary", default=None, metavar="PATH", help="also write the summary as JSON")
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or SQLite)")
     p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
+    p.add_argument(
+        "--allow-unauthenticated-ray",
+        action="store_true",
+        help="connect to a Ray address off this machine even with RAY_AUTH_MODE=disabled (unsafe)",
+    )
     p.add_argument("--backend", choices=["ray", "local"], default=None, help="override run.backend")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_run)
@@ -275,6 +293,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--summary", default=None, metavar="PATH", help="also write the summary as JSON")
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: the run's own)")
     p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
+    p.add_argument(
+        "--allow-unauthenticated-ray",
+        action="store_true",
+        help="connect to a Ray address off this machine even with RAY_AUTH_MODE=disabled (unsafe)",
+    )
     p.add_argument("--backend", choices=["ray", "local"], default=None, help="override run.backend")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_resume)

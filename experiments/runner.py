@@ -128,8 +128,10 @@ class PopulationRun:
         address: str | None = None,
         progress: bool = True,
         resume_dir: Path | None = None,
+        allow_unauthenticated_ray: bool = False,
     ):
         self.cfg = cfg
+        self.allow_unauthenticated_ray = allow_unauthenticated_ray
         self.progress = progress
         self.address = address or cfg.run.address
         stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S-%f")
@@ -199,7 +201,7 @@ class PopulationRun:
         if self.cfg.run.backend == "ray":
             from workers.ray_pool import ensure_ray
 
-            ensure_ray(self.address, self.cfg.run.num_cpus)
+            ensure_ray(self.address, self.cfg.run.num_cpus, self.allow_unauthenticated_ray)
         return make_pool(
             self.cfg.run.backend,
             self.learner_spec(),

@@ -70,7 +70,9 @@ class Tracker:
 
     # -- the driver's API ------------------------------------------------------------------
     def start(self, run_name: str, tags: dict[str, str], params: dict[str, Any]) -> None:
-        self._jobs.put(("start", run_name, tags, {k: _param_str(v) for k, v in params.items()}))
+        params = {k: redact(k, _param_str(v)) for k, v in params.items()}
+        tags = {k: redact(k, str(v)) for k, v in tags.items()}
+        self._jobs.put(("start", run_name, tags, params))
 
     def attach(self, run_id: str, generation: int, last_metrics: dict[str, float] | None) -> None:
         """Continue the existing parent run ``run_id`` after ``generation`` (its last
@@ -437,6 +439,19 @@ def _sql_metric_value(v: float) -> tuple[bool, float]:
 
 class TrackingError(RuntimeError):
     pass
+
+
+_SECRET_KEYS = ("token", "password", "passwd", "secret", "api_key", "apikey", "credential")
+
+
+def redact(key: str, value: str) -> str:
+    """A value fit to record: secrets by key name hidden, credentials in URIs removed."""
+    import re
+
+    if any(w in key.lower() for w in _SECRET_KEYS):
+        return "***"
+    # scheme://user:password@host -> scheme://***@host
+    return re.sub(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]+@", r"\1***@", value)
 
 
 def _param_str(v: Any) -> str:

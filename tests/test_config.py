@@ -159,3 +159,41 @@ def _files(tmp_path):
 def test_more_bad_inputs_are_one_line_and_status_2(tmp_path, args, needle):
     _files(tmp_path)
     test_cli_bad_input_is_one_line_and_status_2(tmp_path, args, needle)
+
+
+def test_secrets_never_reach_the_record():
+    from experiments.tracking import redact
+
+    assert redact("tracking.uri", "http://alice:s3cret@mlflow.example:5000") == "http://***@mlflow.example:5000"
+    assert redact("run.address", "ray://bob:pw@head:10001") == "ray://***@head:10001"
+    assert redact("data.api_token", "abc") == "***" and redact("db_password", "x") == "***"
+    assert redact("tracking.uri", "sqlite:////tmp/m.db") == "sqlite:////tmp/m.db"
+
+
+def test_secrets_in_the_config_are_not_written_to_mlflow(tmp_path):
+    from mlflow import MlflowClient
+
+    from experiments.runner import PopulationRun
+    from tests.conftest import tiny_config
+
+    uri = f"sqlite:///{tmp_path}/m.db"
+    cfg = tiny_config(tmp_path, run={"generations": 1, "address": "ray://carol:hunter2@127.0.0.1:10001"})
+    cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"backend": "local"})})
+    s = PopulationRun(cfg, tracking_uri=uri, progress=False).run()
+    run = MlflowClient(uri).get_run(s.mlflow_run_id)
+    blob = repr(run.data.params) + repr(run.data.tags)
+    assert "hunter2" not in blob and "ray://***@127.0.0.1:10001" in blob
+
+
+def test_an_unauthenticated_remote_ray_is_refused_unless_asked(monkeypatch):
+    from workers.pool import ClusterError
+    from workers.ray_pool import check_address
+
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    with pytest.raises(ClusterError, match="--allow-unauthenticated-ray"):
+        check_address("10.0.0.5:6379")
+    check_address("10.0.0.5:6379", allow_insecure=True)
+    check_address("127.0.0.1:6379")
+    check_address("ray://localhost:10001")
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    check_address("10.0.0.5:6379")

@@ -11,6 +11,10 @@ import torch
 from workers.learner import ForkTask, GroupLearner, LearnerSpec, LearnResult
 
 
+class ClusterError(ValueError):
+    """A cluster setting a user must change (an unsafe address, say): one line."""
+
+
 @dataclass
 class PoolStats:
     """Timing of the last ``learn`` call: wall time and the slowest worker's compute time."""

@@ -11,14 +11,30 @@ import ray
 import torch
 
 from workers.learner import ForkTask, GroupLearner, LearnerSpec, LearnResult, pack_results, split_tasks, unpack_results
-from workers.pool import PoolStats, peak_rss_bytes, plan_workers
+from workers.pool import ClusterError, PoolStats, peak_rss_bytes, plan_workers
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
 
 
-def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+def check_address(address: str, allow_insecure: bool = False) -> None:
+    """Refuse a Ray address off this machine when Ray's token authentication is turned off
+    (``RAY_AUTH_MODE=disabled``), unless ``allow_insecure`` (``--allow-unauthenticated-ray``)."""
+    host = address.split("://")[-1].rsplit(":", 1)[0] if address not in ("auto", "local") else "127.0.0.1"
+    if host in LOOPBACK or allow_insecure or os.environ.get("RAY_AUTH_MODE", "").lower() != "disabled":
+        return
+    raise ClusterError(
+        f"Ray address {address} is not on this machine and RAY_AUTH_MODE=disabled: anyone who reaches it "
+        "can run code; turn token authentication on, or pass --allow-unauthenticated-ray"
+    )
+
+
+def ensure_ray(address: str | None = None, num_cpus: int | None = None, allow_insecure: bool = False) -> None:
     """Connect to ``address`` (or ``RAY_ADDRESS``), or start a local Ray on loopback, no dashboard."""
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
+    if address:
+        check_address(address, allow_insecure)
     kwargs: dict = dict(include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
     if address:
         ray.init(address=address, **kwargs)
