@@ -37,32 +37,41 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     try:
         cfg = load_config(_resolve_config(args.config), args.set, args.seed)
-        if args.backend:
-            cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"backend": args.backend})})
     except ConfigError as e:
         return _fail(str(e))
 
+    return _launch(args, cfg)
+
+
+def _launch(args: argparse.Namespace, cfg, resume_dir: Path | None = None) -> int:  # noqa: ANN001 - a config
+    """Run (or, with ``resume_dir``, continue) a population run; print and write its summary."""
     from experiments.checkpoint import CheckpointError
     from experiments.runner import PopulationRun
     from experiments.tracking import TrackingError, redact
     from workers.data import DataError
     from workers.pool import ClusterError
 
+    if args.backend:
+        cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"backend": args.backend})})
     run = PopulationRun(
         cfg,
         tracking_uri=args.tracking_uri,
         address=args.address,
         progress=not args.quiet,
+        resume_dir=resume_dir,
         allow_unauthenticated_ray=args.allow_unauthenticated_ray,
     )
     try:
         run.load_data()  # data errors surface before anything starts or is recorded
-        print(f"forkpop: run directory {run.run_dir}", file=sys.stderr)
-        print(f"forkpop: MLflow store {redact('uri', run.tracking_uri)}", file=sys.stderr)
+        if resume_dir is None:
+            print(f"forkpop: run directory {run.run_dir}", file=sys.stderr)
+            print(f"forkpop: MLflow store {redact('uri', run.tracking_uri)}", file=sys.stderr)
         summary = run.run()
     except (DataError, CheckpointError, TrackingError, ClusterError) as e:
         return _fail(str(e))
     except KeyboardInterrupt:
+        if resume_dir is not None:
+            return _fail("interrupted; resume again to go on")
         return _fail("interrupted; the MLflow run is marked KILLED and checkpoints up to the last generation are kept")
 
     _print_summary(summary)
@@ -70,47 +79,22 @@ def cmd_run(args: argparse.Namespace) -> int:
         out = Path(args.summary)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(summary.__dict__, indent=1, default=str))
-    if summary.tracking_uri.startswith("sqlite:"):
+    if resume_dir is None and summary.tracking_uri.startswith("sqlite:"):
         print(f"see it: mlflow ui --backend-store-uri {summary.tracking_uri}")
     return 0
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
-    from experiments.checkpoint import CheckpointError
     from experiments.config import ConfigError, load_config
-    from experiments.runner import PopulationRun
-    from experiments.tracking import TrackingError
-    from workers.data import DataError
-    from workers.pool import ClusterError
 
     run_dir = Path(args.run)
     if not (run_dir / "run.json").is_file():
         return _fail(f"{args.run!r} is not a run directory with run.json (give runs/<name>-s<seed>-<time>)")
     try:
         cfg = load_config(run_dir / "config.yaml")
-        if args.backend:
-            cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"backend": args.backend})})
     except ConfigError as e:
         return _fail(str(e))
-    run = PopulationRun(
-        cfg,
-        tracking_uri=args.tracking_uri,
-        address=args.address,
-        progress=not args.quiet,
-        resume_dir=run_dir,
-        allow_unauthenticated_ray=args.allow_unauthenticated_ray,
-    )
-    try:
-        run.load_data()
-        summary = run.run()
-    except (DataError, CheckpointError, TrackingError, ClusterError) as e:
-        return _fail(str(e))
-    except KeyboardInterrupt:
-        return _fail("interrupted; resume again to go on")
-    _print_summary(summary)
-    if args.summary:
-        Path(args.summary).write_text(json.dumps(summary.__dict__, indent=1, default=str))
-    return 0
+    return _launch(args, cfg, resume_dir=run_dir)
 
 
 def cmd_study(args: argparse.Namespace) -> int:
@@ -264,6 +248,20 @@ def _print_summary(s) -> None:  # noqa: ANN001 - RunSummary, imported lazily
     print("overlapped with learning: " + ", ".join(f"{v} {t.get(k, 0.0):.2f}s" for k, v in hidden.items()))
 
 
+def _launch_options(p: argparse.ArgumentParser, tracking_help: str) -> None:
+    """The options ``run`` and ``resume`` share."""
+    p.add_argument("--summary", default=None, metavar="PATH", help="also write the summary as JSON")
+    p.add_argument("--tracking-uri", default=None, help=tracking_help)
+    p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
+    p.add_argument(
+        "--allow-unauthenticated-ray",
+        action="store_true",
+        help="connect to a Ray address off this machine even with RAY_AUTH_MODE=disabled (unsafe)",
+    )
+    p.add_argument("--backend", choices=["ray", "local"], default=None, help="override run.backend")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     # No usage reports from a research run unless asked for (set these to opt back in).
@@ -276,30 +274,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("config", help="path of a YAML config, or the name of a bundled one (digits)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     p.add_argument("--seed", type=int, default=None, help="run seed (overrides run.seed)")
-    p.add_argument("--summary", default=None, metavar="PATH", help="also write the summary as JSON")
-    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or SQLite)")
-    p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
-    p.add_argument(
-        "--allow-unauthenticated-ray",
-        action="store_true",
-        help="connect to a Ray address off this machine even with RAY_AUTH_MODE=disabled (unsafe)",
-    )
-    p.add_argument("--backend", choices=["ray", "local"], default=None, help="override run.backend")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _launch_options(p, "MLflow tracking URI (default: MLFLOW_TRACKING_URI or SQLite)")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("resume", help="continue a killed run from its last completed generation")
     p.add_argument("run", help="the run directory (runs/<name>-s<seed>-<time>)")
-    p.add_argument("--summary", default=None, metavar="PATH", help="also write the summary as JSON")
-    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: the run's own)")
-    p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
-    p.add_argument(
-        "--allow-unauthenticated-ray",
-        action="store_true",
-        help="connect to a Ray address off this machine even with RAY_AUTH_MODE=disabled (unsafe)",
-    )
-    p.add_argument("--backend", choices=["ray", "local"], default=None, help="override run.backend")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _launch_options(p, "MLflow tracking URI (default: the run's own)")
     p.set_defaults(func=cmd_resume)
 
     p = sub.add_parser("study", help="run several modes of an experiment over several seeds and compare them")

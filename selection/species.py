@@ -57,9 +57,8 @@ def screen_by_agreement(preds: np.ndarray, z: float) -> list[int]:
         return list(range(n))
     agree = (preds[:, None, :] == preds[None, :, :]).mean(-1)
     score = (agree.sum(1) - 1.0) / (n - 1)
-    med = float(np.median(score))
-    mad = max(float(np.median(np.abs(score - med))), 0.01)
-    return [i for i in range(n) if score[i] >= med - z * mad]
+    floor = _robust_floor(score, z)
+    return [i for i in range(n) if score[i] >= floor]
 
 
 def fitness_outliers(fitness: list[float], z: float) -> set[int]:
@@ -68,7 +67,12 @@ def fitness_outliers(fitness: list[float], z: float) -> set[int]:
     live = [(i, f) for i, f in enumerate(fitness) if np.isfinite(f)]
     if z <= 0 or len(live) < 3:
         return set()
-    vals = np.array([f for _, f in live])
-    med = float(np.median(vals))
-    mad = max(float(np.median(np.abs(vals - med))), 0.01)
-    return {i for i, f in live if f < med - z * mad}
+    floor = _robust_floor(np.array([f for _, f in live]), z)
+    return {i for i, f in live if f < floor}
+
+
+def _robust_floor(values: np.ndarray, z: float) -> float:
+    """``median - z * MAD`` of ``values``, the MAD floored at 0.01 (near-equal values must
+    not make a merely imperfect one an outlier)."""
+    med = float(np.median(values))
+    return med - z * max(float(np.median(np.abs(values - med))), 0.01)

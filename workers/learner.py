@@ -14,7 +14,7 @@ from population.forking import perturb_weights
 from population.models import accuracy, build_model, flat_weights, load_flat_weights
 from population.optim import sgd_step
 from workers.data import DataBundle, DataSpec, SplitPlan, load_data
-from workers.engine import EXPLODED, BatchedEngine, EnginePlan, plan_engine, resolve_device
+from workers.engine import ENGINES, EXPLODED, BatchedEngine, EnginePlan, plan_engine, resolve_device
 from workers.niches import stream_batches
 
 
@@ -259,8 +259,8 @@ def engine_plan(spec: LearnerSpec, model: torch.nn.Module, n_features: int, n_cl
     """How ``spec``'s model learns as a group: its batching plan, or ``loop`` when asked for."""
     if spec.engine == "loop":
         return EnginePlan("loop", "run.engine=loop")
-    if spec.engine != "batched":
-        raise ValueError(f"unknown run.engine {spec.engine!r}; use batched or loop")
+    if spec.engine not in ENGINES:
+        raise ValueError(f"unknown run.engine {spec.engine!r}; use one of {ENGINES}")
     return plan_engine(model, n_features, n_classes)
 
 
