@@ -226,7 +226,11 @@ def _print_summary(s) -> None:  # noqa: ANN001 - RunSummary, imported lazily
         print(f"{name:<18} {acc:>13.4f}")
     print(f"{'wall time':<18} {s.wall_seconds:>12.1f}s")
     if s.poisoned_niches:
-        print(f"poisoned niches {s.poisoned_niches}: {s.poisoned_teachers} poisoned teachers over the run", end="")
+        print(
+            f"poisoned niches {s.poisoned_niches}: {s.poisoned_teachers} poisoned teachers over the run "
+            f"({s.unaudited_poisoned_teachers} with labels the audit left as they were)",
+            end="",
+        )
         print(f", backdoor success {s.backdoor_success:.3f}" if s.backdoor_success == s.backdoor_success else "")
     print(f"generations {s.generations}, MLflow run {s.mlflow_run_id}")
     t = s.seconds

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
 import yaml
@@ -14,6 +14,21 @@ from population.genome import Gene, GenomeSpec, default_genome_spec
 
 class ConfigError(ValueError):
     """A config problem a user can fix; its message is one line that says what to change."""
+
+
+def _leaves_root(relative: str) -> bool:
+    """Whether ``relative`` may name a place outside its root: empty, absolute, a ``..`` component,
+    a backslash (a separator on Windows) or a control character."""
+    p = PurePosixPath(relative)
+    return not relative or p.is_absolute() or ".." in p.parts or "\\" in relative or not relative.isprintable()
+
+
+def contained(root: str | Path, relative: str, key: str = "path") -> Path:
+    """``root / relative`` for ``relative`` taken from the config value ``key``; a :class:`ConfigError`
+    when it could lead out of ``root`` (see :func:`_leaves_root`)."""
+    if _leaves_root(relative):
+        raise ConfigError(f"{key}={relative!r} must stay inside {root}; give a relative path without '..' or '\\'")
+    return Path(root) / relative
 
 
 class _Strict(BaseModel):
@@ -45,6 +60,14 @@ class RunConfig(_Strict):
     )
     run_dir: str = Field("runs", description="Root folder of run directories (checkpoints, config).")
 
+    @field_validator("name")
+    @classmethod
+    def _one_folder(cls, v: str) -> str:
+        # The name starts a folder's name, run_dir/<name>-s<seed>-<time>, which must stay in run_dir.
+        if "/" in v or _leaves_root(v):
+            raise ValueError("must be one folder name inside run.run_dir, without '/', '\\' or '..'; e.g. digits-2")
+        return v
+
 
 class PoisonConfig(_Strict):
     kind: Literal["none", "label_flip", "backdoor", "noise"] = Field(
@@ -54,6 +77,26 @@ class PoisonConfig(_Strict):
     rate: float = Field(1.0, gt=0, le=1, description="Share of a poisoned niche's samples that are altered.")
     target: int = Field(0, ge=0, description="The label a backdoor trigger maps to.")
     noise_std: float = Field(0.5, gt=0, description="Standard deviation of the input noise for kind=noise.")
+
+
+class AuditConfig(_Strict):
+    mode: Literal["none", "relabel"] = Field(
+        "relabel",
+        description="relabel: a niche whose labels disagree with the seed far more than the validation split "
+        "does is read through the seed (a systematic label flip is undone; see workers.learner.AuditSpec).",
+    )
+    min_seed_accuracy: float = Field(
+        0.7, ge=0, le=1, description="The audit acts only once the seed reaches this validation accuracy."
+    )
+    min_class_recall: float = Field(
+        0.5, ge=0, le=1, description="The seed judges only labels of classes it recalls this well on validation."
+    )
+    suspect: float = Field(
+        0.5, gt=0, le=1, description="A niche is suspect when its label agreement < suspect x seed accuracy."
+    )
+    share: float = Field(
+        0.5, gt=0, le=1, description="In a suspect niche, label j reads as i when the seed calls >= share of j's i."
+    )
 
 
 class DataConfig(_Strict):
@@ -69,6 +112,7 @@ class DataConfig(_Strict):
     seed: int = Field(0, ge=0, description="Seeds the partition (kept fixed so runs compare).")
     batch_size: int = Field(16, ge=1, description="Mini-batch size of the niche streams.")
     poison: PoisonConfig = Field(default_factory=PoisonConfig, description="Poisoned niches (Tay scenario).")
+    audit: AuditConfig = Field(default_factory=AuditConfig, description="Label audit of the niches against the seed.")
 
 
 class ModelConfig(_Strict):
@@ -151,6 +195,27 @@ class SelectionConfig(_Strict):
     )
 
 
+class GeneratedConfig(_Strict):
+    kind: Literal["none", "mixup", "noise"] = Field(
+        "none",
+        description="Inputs the population makes for its own transfer set, labelled by the teachers: mixup "
+        "(convex blends of two real inputs) or noise (real inputs plus Gaussian noise); none: real data only.",
+    )
+    per_generation: float = Field(
+        0.5, gt=0, description="New generated inputs each generation, as a share of the real transfer set."
+    )
+    keep: bool = Field(
+        True, description="Earlier generations' generated inputs stay, with their old pseudo-labels (self-consuming)."
+    )
+    noise_std: float = Field(0.1, gt=0, description="Standard deviation of the noise for kind=noise.")
+    min_real_fraction: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="The transfer set holds at least this share of real data; the oldest generated inputs go first.",
+    )
+
+
 class DistillConfig(_Strict):
     init: Literal["previous", "best", "average", "data_average"] = Field(
         "data_average", description="Student's starting weights."
@@ -179,6 +244,9 @@ class DistillConfig(_Strict):
         description="With species: share of each seed's soft targets from the other clusters' teachers.",
     )
     elitism: bool = Field(True, description="Keep the old seed when the student is worse on validation.")
+    generated: GeneratedConfig = Field(
+        default_factory=GeneratedConfig, description="Generated, pseudo-labelled transfer data (model-collapse study)."
+    )
 
 
 class TrackingConfig(_Strict):

@@ -33,9 +33,10 @@ from population.lineage import Lineage
 from population.models import build_model, flat_weights, load_flat_weights, predict_many
 from population.variant import Origin, Variant
 from selection import accuracy_of, distill, ensemble_accuracy, inherit_genome, mutate_genome, select, student_init
+from selection.distill import teacher_targets
 from selection.species import assign_slots, cluster_by_function, fitness_outliers, screen_by_agreement
-from workers.data import DataSpec, load_data, trigger
-from workers.learner import ForkTask, LearnerSpec, LearnResult, ModelSpec
+from workers.data import DataError, DataSpec, load_data, trigger
+from workers.learner import AuditSpec, ForkTask, LearnerSpec, LearnResult, ModelSpec
 from workers.pool import Pool, make_pool, peak_rss_bytes
 
 
@@ -59,6 +60,10 @@ class GenerationRecord:
     collapse_alarm: bool = False  # validation accuracy and entropy both fell over the last generations
     poisoned_teachers: int = 0  # teachers that learned on a poisoned niche
     backdoor_success: float = float("nan")  # share of triggered test inputs the seed sends to the target
+    audited_variants: int = 0  # variants whose niche labels the label audit changed
+    unaudited_poisoned_teachers: int = 0  # poisoned teachers that learned labels the audit left as they were
+    transfer_real_fraction: float = 1.0  # lowest share of real inputs in a distillation's transfer set
+    transfer_generated: int = 0  # generated, pseudo-labelled inputs in the transfer sets
     seconds: dict[str, float] = field(default_factory=dict)
     diversity: dict[str, float] = field(default_factory=dict)  # see population.diversity
 
@@ -91,6 +96,8 @@ class Student:
     val: float
     accepted: bool
     slot: int = 0
+    real_fraction: float = 1.0  # share of real inputs in its transfer set
+    generated: int = 0  # generated inputs in its transfer set
 
 
 @dataclass
@@ -109,6 +116,7 @@ class RunSummary:
     workers: list[dict[str, Any]] = field(default_factory=list)  # node, device, engine, peak_rss per worker
     poisoned_niches: list[int] = field(default_factory=list)
     poisoned_teachers: int = 0  # over all generations
+    unaudited_poisoned_teachers: int = 0  # of those, teachers whose poisoned labels the audit did not read anew
     backdoor_success: float = float("nan")  # of the final seed
     driver_peak_rss: int = 0
 
@@ -138,6 +146,8 @@ class PopulationRun:
         self.run_root = Path(cfg.run.run_dir)
         self.run_dir = self.run_root / f"{cfg.run.name}-s{cfg.run.seed}-{stamp}"
         self.resume: dict | None = None
+        # Per species slot: generated transfer inputs, their pseudo-labels, their generation.
+        self._generated: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         if resume_dir is not None:  # continue that run: its directory, MLflow run and store
             self.run_dir = Path(resume_dir)
             self.resume = json.loads((self.run_dir / "run.json").read_text())
@@ -168,6 +178,14 @@ class PopulationRun:
     def load_data(self) -> None:
         """Load (and so check) the data; a bad path or partition fails before Ray or MLflow start."""
         self.data = load_data(self.data_spec)
+        bsz = self.cfg.data.batch_size
+        small = [i for i, n in enumerate(self.data.niches) if len(n) < bsz]
+        if small:
+            least = min(len(self.data.niches[i]) for i in small)
+            raise DataError(
+                f"niches {small} hold fewer samples (the least {least}) than one batch (data.batch_size={bsz}); "
+                f"lower data.batch_size, raise data.min_niche_size to {bsz} or use fewer niches"
+            )
 
     def learner_spec(self) -> LearnerSpec:
         run = self.cfg.run
@@ -179,6 +197,7 @@ class PopulationRun:
             self.data.plan,
             engine=run.engine,
             device=run.device,
+            audit=AuditSpec(**self.cfg.data.audit.model_dump()),
         )
 
     def _start_tracker(self) -> Tracker:
@@ -406,6 +425,7 @@ class PopulationRun:
                     teacher_weights=tw,
                     lineage=lineage.to_dict(),
                     rng_state=rng.bit_generator.state,
+                    generated=dict(self._generated),
                     history=history,
                     totals=totals,
                     bar=bar,
@@ -442,6 +462,7 @@ class PopulationRun:
             seconds=totals,
             poisoned_niches=list(data.poisoned),
             poisoned_teachers=sum(h.poisoned_teachers for h in history),
+            unaudited_poisoned_teachers=sum(h.unaudited_poisoned_teachers for h in history),
             backdoor_success=last.backdoor_success,
         )
 
@@ -465,6 +486,7 @@ class PopulationRun:
         teacher_weights: torch.Tensor | None,
         lineage: dict,
         rng_state: dict,
+        generated: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
         history: list[GenerationRecord],
         totals: dict[str, float],
         bar: Any,
@@ -506,6 +528,8 @@ class PopulationRun:
                 tags["forkpop.poisoned"] = str(v.niche in self.data.poisoned).lower()
             if r.reason:
                 tags["forkpop.reason"] = r.reason
+            if r.audit:
+                tags["forkpop.label_audit"] = r.audit
             steps = _step_metrics(r, cfg.tracking.step_metrics)
             final = {"samples": r.samples, "learn_seconds": r.seconds}
             if math.isfinite(r.val_accuracy):
@@ -555,12 +579,18 @@ class PopulationRun:
             collapse_alarm=alarm,
             poisoned_teachers=int(poisoned_teachers),
             backdoor_success=backdoor,
+            audited_variants=sum(bool(r.audit) for r in results),
+            unaudited_poisoned_teachers=sum(
+                forks[i].niche in self.data.poisoned and not results[i].audit for i in teachers_idx
+            ),
+            transfer_real_fraction=min((st.real_fraction for st in students), default=1.0),
+            transfer_generated=sum(st.generated for st in students),
             diversity=div,
         )
         # The checkpoint marks the generation done, so it is written once its records are in
         # MLflow: a resume after a kill never lacks a record (later ones it deletes and redoes).
         tracker.flush()
-        self._checkpoint(g, seeds, best_slot, forks, lineage, rng_state, rec, teacher_weights)
+        self._checkpoint(g, seeds, best_slot, forks, lineage, rng_state, rec, teacher_weights, generated)
         secs["checkpoint"] = time.perf_counter() - t0
         # Overlapped with the next generation's learning unless this is the last one.
         secs["report"] = secs["evaluate"] + secs["tracking"] + secs["diversity"] + secs["checkpoint"]
@@ -600,6 +630,15 @@ class PopulationRun:
             for k, sp in enumerate(state["species"]):
                 w = tensors.get(f"seed_{k}", tensors["seed"])
                 seeds.append(Seed(Variant.from_dict(sp["seed"]), w, float(sp["val_accuracy"])))
+            self._generated = {
+                int(k.rsplit("_", 1)[1]): (
+                    tensors[k],
+                    tensors[k.replace("_x_", "_p_")],
+                    tensors[k.replace("_x_", "_born_")],
+                )
+                for k in tensors
+                if k.startswith("generated_x_")
+            }
             self._restored = {
                 "generation": g,
                 "state": state,
@@ -685,6 +724,7 @@ class PopulationRun:
         else:
             idx = np.concatenate([data.niches[forks[i].niche] for i in sources])
             transfer = x_pool[torch.from_numpy(np.sort(idx))]
+        extra, real_fraction = self._generate(model, g, slot, transfer, tw, tf, x_val, y_val)
         k = len(members)
         init = student_init(
             cfg.distill.init, old.weights, tw[:k], tf[:k], [len(data.niches[forks[i].niche]) for i in members]
@@ -703,6 +743,7 @@ class PopulationRun:
             generator=torch.Generator().manual_seed(_seed_of(rng)),
             probe=(x_val, y_val),
             eval_every=cfg.distill.eval_every,
+            extra=extra,
         )
         val = accuracy_of(model, student_weights, x_val, y_val)
         accepted = not cfg.distill.elitism or val >= old.val
@@ -712,7 +753,48 @@ class PopulationRun:
         single = self.cfg.selection.species == 1 or self._merged(g)
         name = f"g{g + 1:02d}-seed" if single else f"g{g + 1:02d}-seed{slot}"
         variant = Variant(name, genome, g + 1, Origin.DISTILL, tuple(forks[i].id for i in sources))
-        return Student(variant, student_weights, val, accepted, slot)
+        n_gen = 0 if extra is None else len(extra[0])
+        return Student(variant, student_weights, val, accepted, slot, real_fraction, n_gen)
+
+    def _generate(
+        self,
+        model: torch.nn.Module,
+        g: int,
+        slot: int,
+        real: torch.Tensor,
+        teachers: torch.Tensor,
+        fitness: list[float],
+        x_val: torch.Tensor,
+        y_val: torch.Tensor,
+    ) -> tuple[tuple[torch.Tensor, torch.Tensor] | None, float]:
+        """Generation ``g``'s generated transfer inputs for ``slot`` with the teachers'
+        pseudo-labels, joined to those kept from earlier generations (newest first) and cut so
+        that real inputs stay at least ``distill.generated.min_real_fraction`` of the set."""
+        gc = self.cfg.distill.generated
+        if gc.kind == "none":
+            return None, 1.0
+        gen = torch.Generator().manual_seed(int(np.random.default_rng([self.cfg.run.seed, g, slot, 5]).integers(2**62)))
+        n_new = max(1, int(round(gc.per_generation * len(real))))
+        a = real[torch.randint(len(real), (n_new,), generator=gen)]
+        if gc.kind == "mixup":
+            b = real[torch.randint(len(real), (n_new,), generator=gen)]
+            lam = torch.rand(n_new, 1, generator=gen)
+            x_new = lam * a + (1 - lam) * b
+        else:
+            x_new = a + gc.noise_std * torch.randn(a.shape, generator=gen)
+        d = self.cfg.distill
+        p_new = teacher_targets(model, teachers, fitness, x_new, d.temperature, d.aggregate, (x_val, y_val))
+        born = torch.full((n_new,), g, dtype=torch.int64)
+        if gc.keep and slot in self._generated:
+            ox, op, ob = self._generated[slot]
+            x_new, p_new, born = torch.cat([x_new, ox]), torch.cat([p_new, op]), torch.cat([born, ob])
+        f = gc.min_real_fraction
+        cap = len(x_new) if f == 0 else int(len(real) * (1 - f) / f)
+        x_new, p_new, born = x_new[:cap], p_new[:cap], born[:cap]
+        self._generated[slot] = (x_new, p_new, born)
+        if not len(x_new):
+            return None, 1.0
+        return (x_new, p_new), len(real) / (len(real) + len(x_new))
 
     def _diversity(
         self,
@@ -756,8 +838,11 @@ class PopulationRun:
         rng_state: dict,
         record: GenerationRecord | None = None,
         teachers: torch.Tensor | None = None,
+        generated: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None,
     ) -> None:
         tensors = {"seed": seeds[best].weights}
+        for slot, (x, p, born) in (generated or {}).items():
+            tensors.update({f"generated_x_{slot}": x, f"generated_p_{slot}": p, f"generated_born_{slot}": born})
         if len(seeds) > 1:
             tensors.update({f"seed_{k}": s.weights.clone() for k, s in enumerate(seeds)})
         if teachers is not None:

@@ -53,6 +53,30 @@ def student_init(
     raise ValueError(f"unknown distill.init {method!r}; use one of {INITS}")
 
 
+def teacher_targets(
+    model: nn.Module,
+    teachers: torch.Tensor,
+    fitnesses: Sequence[float],
+    x: torch.Tensor,
+    temperature: float,
+    aggregate: str = "mean",
+    probe: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """The teachers' aggregated soft targets ``(n, classes)`` on ``x`` at ``temperature``."""
+    if aggregate not in AGGREGATORS:
+        raise ValueError(f"unknown distill.aggregate {aggregate!r}; use one of {sorted(AGGREGATORS)}")
+    probs = soft_targets(model, teachers, x, temperature)
+    if aggregate == "class_reliability":
+        if probe is None:
+            raise ValueError("distill.aggregate=class_reliability needs a labelled probe (the validation split)")
+        px, py = probe
+        pred = soft_targets(model, teachers, px, 1.0).argmax(2)
+        weights = class_precision(pred, py, probs.shape[2])
+    else:
+        weights = torch.tensor(fitnesses, dtype=probs.dtype)
+    return AGGREGATORS[aggregate](probs, weights)
+
+
 def distill(
     model: nn.Module,
     init: torch.Tensor,
@@ -68,6 +92,7 @@ def distill(
     generator: torch.Generator,
     probe: tuple[torch.Tensor, torch.Tensor] | None = None,
     eval_every: int = 0,
+    extra: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, list[float]]:
     """Train a student from ``init`` on the teachers' aggregated soft targets.
 
@@ -77,19 +102,13 @@ def distill(
     gives each teacher its per-class reliability for ``aggregate="class_reliability"``, and
     with ``eval_every > 0`` the student is scored on it at the start and every ``eval_every``
     steps: the best-scoring weights are returned (ties go to the later, more distilled one).
+    ``extra`` (inputs, soft targets at ``temperature``) joins the transfer set with its
+    targets as given: pseudo-labelled data from earlier generations.
     """
-    if aggregate not in AGGREGATORS:
-        raise ValueError(f"unknown distill.aggregate {aggregate!r}; use one of {sorted(AGGREGATORS)}")
-    probs = soft_targets(model, teachers, transfer_x, temperature)
-    if aggregate == "class_reliability":
-        if probe is None:
-            raise ValueError("distill.aggregate=class_reliability needs a labelled probe (the validation split)")
-        px, py = probe
-        pred = soft_targets(model, teachers, px, 1.0).argmax(2)
-        weights = class_precision(pred, py, probs.shape[2])
-    else:
-        weights = torch.tensor(fitnesses, dtype=probs.dtype)
-    target = AGGREGATORS[aggregate](probs, weights)
+    target = teacher_targets(model, teachers, fitnesses, transfer_x, temperature, aggregate, probe)
+    if extra is not None:  # inputs whose soft targets are fixed already (earlier generations' labels)
+        transfer_x = torch.cat([transfer_x, extra[0]])
+        target = torch.cat([target, extra[1].to(target.dtype)])
     load_flat_weights(model, init)
     params = list(model.parameters())
     adam = AdamState(params)

@@ -79,3 +79,98 @@ def test_the_run_knows_its_poisoned_variants_and_counts_poisoned_teachers(tmp_pa
     # Screening by validation fitness keeps the flipped niches' variants out of the teachers.
     _, screened = _poisoned_run(tmp_path / "b", screen=2.0)
     assert screened.poisoned_teachers < s.poisoned_teachers
+
+
+# -- the label audit -------------------------------------------------------------------------
+
+
+def _audit_case():
+    """Three niches of 40 samples over 4 classes; the seed predicts the true class except where said."""
+    from workers.learner import AuditSpec, audit_labels
+
+    rng = np.random.default_rng(0)
+    truth = rng.integers(0, 4, 120)
+    niches = (np.arange(0, 40), np.arange(40, 80), np.arange(80, 120))
+    return truth, niches, AuditSpec, audit_labels
+
+
+def test_the_audit_undoes_a_systematic_flip_and_leaves_clean_niches_alone():
+    truth, niches, AuditSpec, audit_labels = _audit_case()
+    given = truth.copy()
+    given[niches[1]] = (truth[niches[1]] + 1) % 4  # niche 1 flipped
+    pred = truth.copy()
+    pred[[3, 50]] = (truth[[3, 50]] + 2) % 4  # the seed errs on one sample of niche 0 and one of niche 1
+    read, rep = audit_labels(pred, given, niches, 0.9, np.ones(4), AuditSpec())
+    assert [r.suspect for r in rep] == [False, True, False]
+    assert rep[1].mapped == {(c + 1) % 4: c for c in range(4)}
+    # The map, not the seed, decides in the flipped niche: sample 50 gets its true class back.
+    assert (read[niches[1]] == truth[niches[1]]).all() and rep[1].relabelled == 40
+    assert (read[niches[0]] == given[niches[0]]).all() and (read[niches[2]] == given[niches[2]]).all()
+    assert "map" in rep[1].describe() and rep[0].describe() == ""
+
+
+def test_the_audit_keeps_labels_of_a_class_the_seed_has_not_learned():
+    truth, niches, AuditSpec, audit_labels = _audit_case()
+    given = truth.copy()
+    given[niches[2]] = 3  # niche 2 holds only class 3, and its labels are right
+    pred = truth.copy()
+    pred[niches[2]] = 0  # a seed that never learned class 3 calls them all 0
+    recall = np.array([1.0, 1.0, 1.0, 0.0])
+    read, rep = audit_labels(pred, given, niches, 0.75, recall, AuditSpec())
+    assert rep[2].suspect and rep[2].mapped == {} and (read == given).all()
+
+
+def test_the_audit_waits_for_a_competent_seed_and_can_be_off():
+    truth, niches, AuditSpec, audit_labels = _audit_case()
+    given = truth.copy()
+    given[niches[1]] = (truth[niches[1]] + 1) % 4
+    for seed_acc, spec in [(0.3, AuditSpec()), (0.9, AuditSpec(mode="none"))]:
+        read, rep = audit_labels(truth, given, niches, seed_acc, np.ones(4), spec)
+        assert (read == given).all() and not any(r.suspect for r in rep)
+
+
+def test_a_run_reads_flipped_niches_through_the_audit_and_tags_them(tmp_path):
+    cfg = tiny_config(
+        tmp_path,
+        data={"poison": {"kind": "label_flip", "niches": 2}},
+        selection={"k": None},
+        run={"generations": 4},
+    )
+    s = PopulationRun(cfg, tracking_uri=f"sqlite:///{tmp_path}/m.db", progress=False).run()
+    from mlflow import MlflowClient
+
+    c = MlflowClient(f"sqlite:///{tmp_path}/m.db")
+    kids = c.search_runs(["1"], f"tags.mlflow.parentRunId = '{s.mlflow_run_id}' and tags.`forkpop.origin` = 'fork'")
+    audited = [r for r in kids if r.data.tags.get("forkpop.label_audit")]
+    assert audited and all(r.data.tags["forkpop.poisoned"] == "true" for r in audited)
+    assert sum(h["audited_variants"] for h in s.history) == len(audited)
+    off = tiny_config(
+        tmp_path / "off",
+        data={"poison": {"kind": "label_flip", "niches": 2}, "audit": {"mode": "none"}},
+        selection={"k": None},
+        run={"generations": 4},
+    )
+    s_off = PopulationRun(off, tracking_uri=f"sqlite:///{tmp_path}/off.db", progress=False).run()
+    assert sum(h["audited_variants"] for h in s_off.history) == 0
+    assert s.seed_test_accuracy > s_off.seed_test_accuracy
+
+
+# -- generated transfer data and the model-collapse guard -------------------------------------
+
+
+def _generated_run(tmp_path, min_real):
+    cfg = tiny_config(
+        tmp_path,
+        run={"generations": 3},
+        distill={"generated": {"kind": "noise", "per_generation": 1.0, "min_real_fraction": min_real}},
+    )
+    return PopulationRun(cfg, tracking_uri=f"sqlite:///{tmp_path}/m.db", progress=False).run()
+
+
+def test_generated_transfer_data_never_outweighs_the_configured_real_share(tmp_path):
+    guarded = _generated_run(tmp_path / "g", 0.6)
+    fractions = [h["transfer_real_fraction"] for h in guarded.history]
+    assert all(f >= 0.6 for f in fractions) and all(h["transfer_generated"] > 0 for h in guarded.history)
+    # Without the guard the kept pseudo-labelled inputs pile up generation after generation.
+    free = [h["transfer_real_fraction"] for h in _generated_run(tmp_path / "f", 0.0).history]
+    assert free[0] == pytest.approx(0.5, abs=0.01) and free[-1] < 0.3 and free == sorted(free, reverse=True)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -103,3 +104,26 @@ def test_a_corrupt_last_checkpoint_falls_back_to_the_one_before(tmp_path):
     status, metrics, kids, _ = _parent_metrics(uri, s.mlflow_run_id)
     assert status == "FINISHED" and len(kids) == len(set(kids)) == len(first.lineage)
     assert [step for step, _ in metrics["seed_test_accuracy"]] == [0, 1, 2]
+
+
+def test_generated_transfer_data_is_checkpointed_and_resumes_to_the_same_metrics(tmp_path):
+    """The kept pseudo-labelled inputs are part of the state: a resume from generation 1 must
+    distill generations 2 and 3 from the same transfer set as the run left alone."""
+    cfg = tiny_config(
+        tmp_path,
+        run={"generations": 4},
+        distill={"generated": {"kind": "mixup", "per_generation": 0.5, "min_real_fraction": 0.4}},
+    )
+    uri = f"sqlite:///{tmp_path}/m.db"
+    first = PopulationRun(cfg, tracking_uri=uri, progress=False)
+    s = first.run()
+    _, before, _, _ = _parent_metrics(uri, s.mlflow_run_id)
+    for g in (2, 3):  # as if killed after generation 1's checkpoint
+        shutil.rmtree(Path(s.run_dir) / "checkpoints" / f"gen-{g:04d}")
+    p = subprocess.run(_cli("resume", s.run_dir, "--quiet", cwd=tmp_path), cwd=tmp_path, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-2000:]
+    _, after, kids, _ = _parent_metrics(uri, s.mlflow_run_id)
+    keys = ["seed_test_accuracy", "seed_val_accuracy", "transfer_real_fraction", "transfer_generated"]
+    assert {k: after[k] for k in keys} == {k: before[k] for k in keys}
+    assert [v for _, v in after["transfer_generated"]][-1] > [v for _, v in after["transfer_generated"]][0]
+    assert len(kids) == len(set(kids)) == len(first.lineage)

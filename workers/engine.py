@@ -318,11 +318,13 @@ class BatchedEngine:
         momentum: list[float],
         weight_decay: list[float],
         clip: list[float] | None = None,
+        labels: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, list[VariantRecord]]:
         """Learn ``flats`` ``(n, n_params)`` on their niches; returns the weights (CPU) and records.
 
         ``clip`` (per variant, 0: none) caps each variant's global gradient norm, as
         ``torch.nn.utils.clip_grad_norm_`` does, before weight decay and momentum.
+        ``labels`` replaces the pool's labels for this call (the label audit's reading).
         """
         n = flats.shape[0]
         if n == 0:
@@ -360,12 +362,13 @@ class BatchedEngine:
         snapshots: dict[int, torch.Tensor] = {}
         arange_b = torch.arange(bsz, device=dev)
 
+        y_pool = self.y_pool if labels is None else labels.to(dev)
         with torch.no_grad():
             for t in range(t_max):
                 k = int(active[t])
                 rows = off_d[:k] + pos[:k]
                 idx = self.table[rows]
-                x, y = self.x_pool[idx], self.y_pool[idx]
+                x, y = self.x_pool[idx], y_pool[idx]
                 w = inv = None
                 if short[t]:
                     cnt = self.table_cnt[rows]

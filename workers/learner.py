@@ -25,6 +25,89 @@ class ModelSpec:
 
 
 @dataclass(frozen=True)
+class AuditSpec:
+    """The label audit: each niche's labels checked against the population's seed.
+
+    A niche whose labels agree with the seed's predictions on its samples far less than the
+    seed agrees with the validation split (``agreement < suspect x seed accuracy``) is
+    suspect. In a suspect niche a label ``j`` whose samples the seed mostly (``>= share``)
+    calls ``i`` is read as ``i`` (a systematic flip is undone, and the niche still teaches);
+    a sample whose label is neither its mapped label nor the seed's prediction is given the
+    seed's prediction. The seed judges only labels of classes it recognises (validation
+    recall >= ``min_class_recall``): a niche that holds a class the seed has not learned yet
+    keeps its labels, for that class is what the niche teaches. Nothing happens while the
+    seed is weaker than ``min_seed_accuracy`` on the validation split (at generation 0 it
+    knows nothing yet).
+    """
+
+    mode: str = "relabel"  # none | relabel
+    min_seed_accuracy: float = 0.7
+    suspect: float = 0.5
+    share: float = 0.5
+    min_class_recall: float = 0.5
+
+
+@dataclass(frozen=True)
+class NicheAudit:
+    niche: int
+    agreement: float  # share of the niche's labels the seed predicts
+    suspect: bool
+    mapped: dict[int, int] = field(default_factory=dict)  # label -> label read instead
+    relabelled: int = 0  # samples whose label the audit changed
+
+    def describe(self) -> str:
+        if not self.suspect:
+            return ""
+        pairs = ",".join(f"{j}->{i}" for j, i in sorted(self.mapped.items()))
+        return f"agreement {self.agreement:.2f}; relabelled {self.relabelled}" + (f"; map {pairs}" if pairs else "")
+
+
+def audit_labels(
+    pred: np.ndarray,
+    y: np.ndarray,
+    niches: tuple[np.ndarray, ...],
+    seed_accuracy: float,
+    recall: np.ndarray,
+    spec: AuditSpec,
+) -> tuple[np.ndarray, list[NicheAudit]]:
+    """The labels ``y`` (of the pool) as the audit reads them, and what it found per niche.
+
+    ``pred`` holds the seed's predicted class of every pool sample, ``seed_accuracy`` its
+    accuracy on the validation split and ``recall[c]`` its recall of class ``c`` there (NaN:
+    no validation sample of ``c``). Pure: same inputs, same answer.
+    """
+    out = np.array(y, copy=True)
+    known = np.nan_to_num(np.asarray(recall, dtype=np.float64), nan=0.0) >= spec.min_class_recall
+    reports = []
+    active = spec.mode != "none" and seed_accuracy >= spec.min_seed_accuracy
+    for j, idx in enumerate(niches):
+        if len(idx) == 0:
+            reports.append(NicheAudit(j, float("nan"), False))
+            continue
+        yn, pn = y[idx], pred[idx]
+        agreement = float((yn == pn).mean())
+        if not active or agreement >= spec.suspect * seed_accuracy:
+            reports.append(NicheAudit(j, agreement, False))
+            continue
+        mapped = {}
+        for label in np.unique(yn):
+            seen = pn[yn == label]
+            counts = np.bincount(seen, minlength=int(seen.max()) + 1)
+            top = int(counts.argmax())
+            if top != int(label) and counts[top] >= spec.share * len(seen) and known[int(label)]:
+                mapped[int(label)] = top
+        read = yn.copy()
+        for a, b in mapped.items():
+            read[yn == a] = b
+        # Neither the map nor the seed supports it, and the seed knows the class it is given.
+        doubtful = ~np.isin(yn, list(mapped)) & (yn != pn) & known[yn]
+        read[doubtful] = pn[doubtful]
+        out[idx] = read
+        reports.append(NicheAudit(j, agreement, True, mapped, int((read != yn).sum())))
+    return out, reports
+
+
+@dataclass(frozen=True)
 class LearnerSpec:
     """What every learner of a run shares: data, model, stream batch size, threads.
 
@@ -41,6 +124,7 @@ class LearnerSpec:
     plan: SplitPlan | None = field(default=None, compare=False)
     engine: str = "batched"
     device: str = "auto"
+    audit: AuditSpec = AuditSpec()
 
 
 @dataclass(frozen=True)
@@ -76,6 +160,7 @@ class LearnResult:
     seconds: float = 0.0
     status: str = "ok"
     reason: str = ""
+    audit: str = ""  # what the label audit changed in this variant's niche ("" nothing)
 
 
 class GroupLearner:
@@ -92,6 +177,8 @@ class GroupLearner:
         self.y_val = torch.from_numpy(self.data.y_val)
         self.streams = [stream_batches(n, spec.batch_size) for n in self.data.niches]
         self.plan = engine_plan(spec, self.model, self.data.n_features, self.data.n_classes)
+        self.audit_spec = spec.audit
+        self.y_read = self.y_pool  # the labels as last audited
         self.engine: BatchedEngine | None = None
         if self.plan.kind != "loop":
             self.engine = BatchedEngine(
@@ -111,14 +198,45 @@ class GroupLearner:
 
         Returns the learned weights stacked ``(len(tasks), n_params)`` and one result per task.
         """
+        notes = self._audit(seed_weights)
         if self.engine is not None:
-            return self._learn_batched(seed_weights, tasks)
-        flats, results = [], []
-        for task in tasks:
-            w, r = self._learn_one(seed_weights, task)
-            flats.append(w)
-            results.append(r)
-        return torch.stack(flats) if flats else torch.empty(0, seed_weights.shape[-1]), results
+            weights, results = self._learn_batched(seed_weights, tasks)
+        else:
+            flats, results = [], []
+            for task in tasks:
+                w, r = self._learn_one(seed_weights, task)
+                flats.append(w)
+                results.append(r)
+            weights = torch.stack(flats) if flats else torch.empty(0, seed_weights.shape[-1])
+        for t, r in zip(tasks, results, strict=True):
+            r.audit = notes[t.niche % len(notes)] if notes else ""
+        return weights, results
+
+    def _audit(self, seed_weights: torch.Tensor) -> list[str]:
+        """Read the niches' labels through the audit (see :class:`AuditSpec`) against the
+        seeds' consensus (their mean predicted probabilities); one note per niche."""
+        self.y_read = self.y_pool
+        if self.audit_spec.mode == "none":
+            return []
+        seeds = seed_weights if seed_weights.dim() == 2 else seed_weights.unsqueeze(0)
+        p_pool = p_val = 0.0
+        with torch.no_grad():
+            for s in seeds:
+                model = load_flat_weights(self.model, s)
+                model.eval()
+                p_pool = p_pool + torch.softmax(model(self.x_pool), -1)
+                p_val = p_val + torch.softmax(model(self.x_val), -1)
+        hit = (p_val.argmax(-1) == self.y_val).numpy()
+        yv = self.y_val.numpy()
+        n_classes = self.data.n_classes
+        per_class = np.bincount(yv, minlength=n_classes)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            recall = np.bincount(yv, weights=hit, minlength=n_classes) / per_class
+        y, reports = audit_labels(
+            p_pool.argmax(-1).numpy(), self.y_pool.numpy(), self.data.niches, float(hit.mean()), recall, self.audit_spec
+        )
+        self.y_read = torch.from_numpy(y)
+        return [r.describe() for r in reports]
 
     def fork(self, seed_weights: torch.Tensor, task: ForkTask) -> torch.Tensor:
         """The task's variant at birth: its seed's weights with its own seeded fork noise.
@@ -145,6 +263,7 @@ class GroupLearner:
             momentum=[t.genome.get("momentum", 0.0) for t in tasks],
             weight_decay=[t.genome.get("weight_decay", 0.0) for t in tasks],
             clip=[float(t.genome.get("clip", 0.0)) for t in tasks],
+            labels=self.y_read if self.y_read is not self.y_pool else None,
         )
         # The group learns as one; each variant is charged its share of the group's time.
         share = (time.perf_counter() - t0) / len(tasks)
@@ -178,7 +297,7 @@ class GroupLearner:
         model.train()
         for _ in range(int(g.get("epochs", 1))):
             for idx in batches:
-                x, y = self.x_pool[idx], self.y_pool[idx]
+                x, y = self.x_pool[idx], self.y_read[idx]
                 logits = model(x)
                 loss = F.cross_entropy(logits, y)
                 correct += int((logits.detach().argmax(1) == y).sum())
@@ -223,6 +342,7 @@ def pack_results(results: list[LearnResult]) -> dict:
         "seconds": np.array([r.seconds for r in results], dtype=np.float64),
         "status": [r.status for r in results],
         "reason": [r.reason for r in results],
+        "audit": [r.audit for r in results],
         "loss": np.concatenate([np.asarray(r.loss, dtype=np.float64) for r in results] or [np.zeros(0)]),
         "preq": np.concatenate([np.asarray(r.preq_accuracy, dtype=np.float64) for r in results] or [np.zeros(0)]),
         "lens": np.array(lens, dtype=np.int64),
@@ -249,6 +369,7 @@ def unpack_results(p: dict) -> list[LearnResult]:
                 seconds=float(p["seconds"][i]),
                 status=p["status"][i],
                 reason=p["reason"][i],
+                audit=p["audit"][i],
             )
         )
         o, e = o + n, e + m
