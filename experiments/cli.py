@@ -46,6 +46,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def _launch(args: argparse.Namespace, cfg, resume_dir: Path | None = None) -> int:  # noqa: ANN001 - a config
     """Run (or, with ``resume_dir``, continue) a population run; print and write its summary."""
     from experiments.checkpoint import CheckpointError
+    from experiments.config import ConfigError
     from experiments.runner import PopulationRun
     from experiments.tracking import TrackingError, redact
     from workers.data import DataError
@@ -53,14 +54,17 @@ def _launch(args: argparse.Namespace, cfg, resume_dir: Path | None = None) -> in
 
     if args.backend:
         cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"backend": args.backend})})
-    run = PopulationRun(
-        cfg,
-        tracking_uri=args.tracking_uri,
-        address=args.address,
-        progress=not args.quiet,
-        resume_dir=resume_dir,
-        allow_unauthenticated_ray=args.allow_unauthenticated_ray,
-    )
+    try:
+        run = PopulationRun(
+            cfg,
+            tracking_uri=args.tracking_uri,
+            address=args.address,
+            progress=not args.quiet,
+            resume_dir=resume_dir,
+            allow_unauthenticated_ray=args.allow_unauthenticated_ray,
+        )
+    except ConfigError as e:
+        return _fail(str(e))
     try:
         run.load_data()  # data errors surface before anything starts or is recorded
         if resume_dir is None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -15,10 +16,11 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 
 from experiments.checkpoint import CheckpointError, read_checkpoint, write_checkpoint
-from experiments.config import ExperimentConfig, config_to_yaml
-from experiments.tracking import Tracker, resolve_tracking_uri
+from experiments.config import ExperimentConfig, config_to_yaml, contained
+from experiments.tracking import Tracker, redact_tree, resolve_tracking_uri
 from population.diversity import (
     disagreement_matrix,
     functional_diversity,
@@ -144,7 +146,7 @@ class PopulationRun:
         self.address = address or cfg.run.address
         stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S-%f")
         self.run_root = Path(cfg.run.run_dir)
-        self.run_dir = self.run_root / f"{cfg.run.name}-s{cfg.run.seed}-{stamp}"
+        self.run_dir = contained(self.run_root, f"{cfg.run.name}-s{cfg.run.seed}-{stamp}", "run.name")
         self.resume: dict | None = None
         # Per species slot: generated transfer inputs, their pseudo-labels, their generation.
         self._generated: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
@@ -176,7 +178,14 @@ class PopulationRun:
 
     # -- set-up ------------------------------------------------------------------------------
     def load_data(self) -> None:
-        """Load (and so check) the data; a bad path or partition fails before Ray or MLflow start."""
+        """Load (and so check) the data, and check the Ray address: a bad path or partition, or
+        an address refused, fails before Ray or MLflow start."""
+        if self.cfg.run.backend == "ray":  # refused before anything is recorded
+            from workers.ray_pool import check_address
+
+            address = self.address or os.environ.get("RAY_ADDRESS")
+            if address:
+                check_address(address, self.allow_unauthenticated_ray)
         self.data = load_data(self.data_spec)
         bsz = self.cfg.data.batch_size
         small = [i for i, n in enumerate(self.data.niches) if len(n) < bsz]
@@ -437,7 +446,7 @@ class PopulationRun:
         bar.close()
 
         tracker.log_text(lineage.to_json(), "lineage.json")
-        tracker.log_text(config_to_yaml(cfg), "config.yaml")
+        tracker.log_text(yaml.safe_dump(redact_tree(cfg.model_dump(mode="json")), sort_keys=False), "config.yaml")
         t0 = time.perf_counter()
         run_id = tracker.wait_started()
         totals["tracking_writer"] = tracker.flush()

@@ -454,6 +454,17 @@ def redact(key: str, value: str) -> str:
     return re.sub(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]+@", r"\1***@", value)
 
 
+def redact_tree(tree: Any, key: str = "") -> Any:
+    """A nested config (dicts, lists, scalars) with :func:`redact` applied to every string leaf."""
+    if isinstance(tree, dict):
+        return {k: redact_tree(v, str(k)) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [redact_tree(v, key) for v in tree]
+    if isinstance(tree, str) or (tree is not None and any(w in key.lower() for w in _SECRET_KEYS)):
+        return redact(key, str(tree))
+    return tree
+
+
 def _param_str(v: Any) -> str:
     s = str(v)
     return s if len(s) <= 6000 else s[:5997] + "..."

@@ -186,6 +186,13 @@ def test_secrets_in_the_config_are_not_written_to_mlflow(tmp_path):
     run = MlflowClient(uri).get_run(s.mlflow_run_id)
     blob = repr(run.data.params) + repr(run.data.tags)
     assert "hunter2" not in blob and "ray://***@127.0.0.1:10001" in blob
+    # Nor in any artifact (the config, lineage, diversity and step files).
+    import mlflow
+
+    out = mlflow.artifacts.download_artifacts(run_id=s.mlflow_run_id, dst_path=str(tmp_path / "art"), tracking_uri=uri)
+    files = [p for p in Path(out).rglob("*") if p.is_file()]
+    assert any(p.name == "config.yaml" for p in files)
+    assert not [p for p in files if "hunter2" in p.read_text(errors="replace")]
 
 
 def test_an_unauthenticated_remote_ray_is_refused_unless_asked(monkeypatch):
@@ -199,4 +206,13 @@ def test_an_unauthenticated_remote_ray_is_refused_unless_asked(monkeypatch):
     check_address("127.0.0.1:6379")
     check_address("ray://localhost:10001")
     monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    check_address("10.0.0.5:6379")
+    # Unset, as Ray does: token authentication only when a token is there to send.
+    monkeypatch.delenv("RAY_AUTH_MODE")
+    monkeypatch.setenv("HOME", "/nonexistent-forkpop-home")
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    monkeypatch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
+    with pytest.raises(ClusterError, match="token authentication is not configured"):
+        check_address("10.0.0.5:6379")
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "s3cret-token-value")
     check_address("10.0.0.5:6379")

@@ -16,15 +16,31 @@ from workers.pool import ClusterError, PoolStats, peak_rss_bytes, plan_workers
 LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
 
 
+def token_auth_configured() -> bool:
+    """Whether this process would connect to Ray with token authentication: ``RAY_AUTH_MODE``
+    when it is set (``token``), else, as Ray does with it unset, whether a token is available
+    (``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH`` or Ray's default token file)."""
+    mode = os.environ.get("RAY_AUTH_MODE")
+    if mode is not None:
+        return mode.strip().lower() == "token"
+    try:
+        from ray._private.authentication.authentication_token_setup import AuthenticationTokenLoader
+
+        return bool(AuthenticationTokenLoader.instance().has_token(ignore_auth_mode=True))
+    except Exception:  # an older or newer Ray without this loader: the documented variables
+        return bool(os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH"))
+
+
 def check_address(address: str, allow_insecure: bool = False) -> None:
-    """Refuse a Ray address off this machine when Ray's token authentication is turned off
-    (``RAY_AUTH_MODE=disabled``), unless ``allow_insecure`` (``--allow-unauthenticated-ray``)."""
+    """Refuse a Ray address off this machine unless token authentication is configured (see
+    :func:`token_auth_configured`) or ``allow_insecure`` (``--allow-unauthenticated-ray``)."""
     host = address.split("://")[-1].rsplit(":", 1)[0] if address not in ("auto", "local") else "127.0.0.1"
-    if host in LOOPBACK or allow_insecure or os.environ.get("RAY_AUTH_MODE", "").lower() != "disabled":
+    if host in LOOPBACK or allow_insecure or token_auth_configured():
         return
     raise ClusterError(
-        f"Ray address {address} is not on this machine and RAY_AUTH_MODE=disabled: anyone who reaches it "
-        "can run code; turn token authentication on, or pass --allow-unauthenticated-ray"
+        f"Ray address {address} is not on this machine and Ray token authentication is not configured: anyone "
+        "who reaches it can run code; set RAY_AUTH_MODE=token with a token (RAY_AUTH_TOKEN or "
+        "`ray get-auth-token --generate`), or pass --allow-unauthenticated-ray"
     )
 
 
