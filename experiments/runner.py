@@ -36,7 +36,13 @@ from population.models import build_model, flat_weights, load_flat_weights, pred
 from population.variant import Origin, Variant
 from selection import accuracy_of, distill, ensemble_accuracy, inherit_genome, mutate_genome, select, student_init
 from selection.distill import teacher_targets
-from selection.species import assign_slots, cluster_by_function, fitness_outliers, screen_by_agreement
+from selection.species import (
+    assign_slots,
+    cluster_by_function,
+    fitness_outliers,
+    peer_label_screen,
+    screen_by_agreement,
+)
 from workers.data import DataError, DataSpec, load_data, trigger
 from workers.learner import AuditSpec, ForkTask, LearnerSpec, LearnResult, ModelSpec
 from workers.pool import Pool, make_pool, peak_rss_bytes
@@ -63,6 +69,7 @@ class GenerationRecord:
     poisoned_teachers: int = 0  # teachers that learned on a poisoned niche
     backdoor_success: float = float("nan")  # share of triggered test inputs the seed sends to the target
     audited_variants: int = 0  # variants whose niche labels the label audit changed
+    label_screened: int = 0  # variants kept from teaching because their peers contradict their niche's labels
     unaudited_poisoned_teachers: int = 0  # poisoned teachers that learned labels the audit left as they were
     transfer_real_fraction: float = 1.0  # lowest share of real inputs in a distillation's transfer set
     transfer_generated: int = 0  # generated, pseudo-labelled inputs in the transfer sets
@@ -373,6 +380,8 @@ class PopulationRun:
                 # Screening: teachers whose validation fitness is an outlier below the rest are
                 # not eligible (a poisoned niche's variants score low on the clean split).
                 screened = fitness_outliers(fitness, cfg.selection.screen)
+                label_screened = self._peer_screen(model, weights, results, forks, x_pool)
+                screened |= label_screened
                 eligible = [float("nan") if i in screened else f for i, f in enumerate(fitness)]
                 js = None
                 nov = None
@@ -435,6 +444,7 @@ class PopulationRun:
                     lineage=lineage.to_dict(),
                     rng_state=rng.bit_generator.state,
                     generated=dict(self._generated),
+                    label_screened=label_screened,
                     history=history,
                     totals=totals,
                     bar=bar,
@@ -496,6 +506,7 @@ class PopulationRun:
         lineage: dict,
         rng_state: dict,
         generated: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+        label_screened: set[int],
         history: list[GenerationRecord],
         totals: dict[str, float],
         bar: Any,
@@ -539,6 +550,8 @@ class PopulationRun:
                 tags["forkpop.reason"] = r.reason
             if r.audit:
                 tags["forkpop.label_audit"] = r.audit
+            if i in label_screened:
+                tags["forkpop.label_screened"] = "true"
             steps = _step_metrics(r, cfg.tracking.step_metrics)
             final = {"samples": r.samples, "learn_seconds": r.seconds}
             if math.isfinite(r.val_accuracy):
@@ -589,6 +602,7 @@ class PopulationRun:
             poisoned_teachers=int(poisoned_teachers),
             backdoor_success=backdoor,
             audited_variants=sum(bool(r.audit) for r in results),
+            label_screened=len(label_screened),
             unaudited_poisoned_teachers=sum(
                 forks[i].niche in self.data.poisoned and not results[i].audit for i in teachers_idx
             ),
@@ -764,6 +778,35 @@ class PopulationRun:
         variant = Variant(name, genome, g + 1, Origin.DISTILL, tuple(forks[i].id for i in sources))
         n_gen = 0 if extra is None else len(extra[0])
         return Student(variant, student_weights, val, accepted, slot, real_fraction, n_gen)
+
+    def _peer_screen(
+        self,
+        model: torch.nn.Module,
+        weights: torch.Tensor,
+        results: list[LearnResult],
+        forks: list[Variant],
+        x_pool: torch.Tensor,
+    ) -> set[int]:
+        """Learned variants whose niche labels (as given) the other variants contradict, among
+        those the label audit did not read anew (see :func:`selection.species.peer_label_screen`)."""
+        audit = self.cfg.data.audit
+        alive = [i for i, r in enumerate(results) if r.status == "ok"]
+        if audit.mode == "none" or len(alive) < 3:
+            return set()
+        x_val, y_val = self._probe
+        probs, _ = predict_many(model, weights[alive], x_pool)
+        val_probs, _ = predict_many(model, weights[alive], x_val)
+        niches = [self.data.niches[forks[i].niche] for i in alive]
+        flagged = peer_label_screen(
+            probs.numpy(),
+            self.data.y_pool,
+            niches,
+            val_probs.numpy(),
+            y_val.numpy(),
+            audit.suspect,
+            audit.min_class_recall,
+        )
+        return {alive[j] for j in flagged if not results[alive[j]].audit}
 
     def _generate(
         self,

@@ -76,3 +76,47 @@ def _robust_floor(values: np.ndarray, z: float) -> float:
     not make a merely imperfect one an outlier)."""
     med = float(np.median(values))
     return med - z * max(float(np.median(np.abs(values - med))), 0.01)
+
+
+def peer_label_screen(
+    probs: np.ndarray,
+    y: np.ndarray,
+    niches: list[np.ndarray],
+    val_probs: np.ndarray,
+    y_val: np.ndarray,
+    suspect: float,
+    min_class_recall: float,
+    min_judged: int = 8,
+) -> set[int]:
+    """Variants whose niche labels their peers contradict: not teachers this generation.
+
+    ``probs`` ``(n, m, C)`` are the n learned variants' predictions on the m pool samples,
+    ``y`` the pool's labels as given and ``niches[i]`` the pool indices variant i learned on;
+    ``val_probs`` ``(n, v, C)`` their predictions on the validation split ``y_val``. Variant i
+    is judged by the ensemble of the others (mean probabilities, leave-one-out), and only on
+    samples whose given class that ensemble recalls on validation (>= ``min_class_recall``): a
+    niche holding a class the others never saw is not held against it. It is flagged when the
+    ensemble agrees with its niche's labels on less than ``suspect`` x the ensemble's validation
+    accuracy of the judged samples (and at least ``min_judged`` were judged).
+    """
+    n = len(probs)
+    if n < 3:
+        return set()
+    total, total_val = probs.sum(0), val_probs.sum(0)
+    n_classes = probs.shape[2]
+    flagged = set()
+    for i in range(n):
+        loo = (total - probs[i]).argmax(-1)
+        loo_val = (total_val - val_probs[i]).argmax(-1)
+        hit = loo_val == y_val
+        per_class = np.bincount(y_val, minlength=n_classes)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            recall = np.nan_to_num(np.bincount(y_val, weights=hit, minlength=n_classes) / per_class)
+        idx = niches[i]
+        judged = idx[recall[y[idx]] >= min_class_recall]
+        if len(judged) < min_judged:
+            continue
+        agreement = float((loo[judged] == y[judged]).mean())
+        if agreement < suspect * float(hit.mean()):
+            flagged.add(i)
+    return flagged

@@ -53,10 +53,10 @@ def test_bad_poison_settings_say_what_to_change(spec, needle):
         load_data(spec)
 
 
-def _poisoned_run(tmp_path, **selection):
+def _poisoned_run(tmp_path, audit="none", **selection):
     cfg = tiny_config(
         tmp_path,
-        data={"poison": {"kind": "label_flip", "niches": 2}},
+        data={"poison": {"kind": "label_flip", "niches": 2}, "audit": {"mode": audit}},
         selection={"k": None, **selection},
         run={"generations": 3},
     )
@@ -79,6 +79,10 @@ def test_the_run_knows_its_poisoned_variants_and_counts_poisoned_teachers(tmp_pa
     # Screening by validation fitness keeps the flipped niches' variants out of the teachers.
     _, screened = _poisoned_run(tmp_path / "b", screen=2.0)
     assert screened.poisoned_teachers < s.poisoned_teachers
+    # The label audit's peer screen keeps them out at generation 0, before the seed can judge.
+    _, audited = _poisoned_run(tmp_path / "c", audit="relabel")
+    assert audited.history[0]["label_screened"] >= 1 and audited.history[0]["poisoned_teachers"] == 0
+    assert audited.unaudited_poisoned_teachers < s.poisoned_teachers
 
 
 # -- the label audit -------------------------------------------------------------------------
@@ -174,3 +178,29 @@ def test_generated_transfer_data_never_outweighs_the_configured_real_share(tmp_p
     # Without the guard the kept pseudo-labelled inputs pile up generation after generation.
     free = [h["transfer_real_fraction"] for h in _generated_run(tmp_path / "f", 0.0).history]
     assert free[0] == pytest.approx(0.5, abs=0.01) and free[-1] < 0.3 and free == sorted(free, reverse=True)
+
+
+def test_peers_screen_a_variant_whose_niche_labels_they_contradict():
+    from selection.species import peer_label_screen
+
+    rng = np.random.default_rng(1)
+    y_true = rng.integers(0, 4, 100)
+    y_val = np.repeat(np.arange(4), 5)
+    niches = [np.arange(k * 20, (k + 1) * 20) for k in range(5)]
+    onehot = np.eye(4)
+    probs = np.stack([onehot[y_true]] * 5)  # every variant predicts the truth
+    val_probs = np.stack([onehot[y_val]] * 5)
+    given = y_true.copy()
+    given[niches[2]] = (y_true[niches[2]] + 1) % 4  # niche 2's labels are flipped
+    assert peer_label_screen(probs, given, niches, val_probs, y_val, 0.5, 0.5) == {2}
+    assert peer_label_screen(probs, y_true, niches, val_probs, y_val, 0.5, 0.5) == set()
+    # Niche 4 alone holds class 3 and only its own variant recognises it: the others cannot
+    # judge those labels, so the niche is not held against it.
+    only = y_true.copy()
+    only[niches[4]] = 3
+    only[:80][only[:80] == 3] = 0
+    p = np.stack([onehot[only]] * 5)
+    p[:4, niches[4]] = onehot[0]
+    vp = np.stack([onehot[y_val]] * 5)
+    vp[:4, y_val == 3] = onehot[0]
+    assert peer_label_screen(p, only, niches, vp, y_val, 0.5, 0.5) == set()
