@@ -97,6 +97,13 @@ class AuditConfig(_Strict):
     share: float = Field(
         0.5, gt=0, le=1, description="In a suspect niche, label j reads as i when the seed calls >= share of j's i."
     )
+    min_count: int = Field(3, ge=1, description="In a suspect niche, a label is read anew only with this many samples.")
+    confidence: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="In a suspect niche, a label the seed contradicts takes its prediction when this sure.",
+    )
 
 
 class DataConfig(_Strict):

@@ -156,7 +156,8 @@ def test_a_run_reads_flipped_niches_through_the_audit_and_tags_them(tmp_path):
     )
     s_off = PopulationRun(off, tracking_uri=f"sqlite:///{tmp_path}/off.db", progress=False).run()
     assert sum(h["audited_variants"] for h in s_off.history) == 0
-    assert s.seed_test_accuracy > s_off.seed_test_accuracy
+    # Every poisoned teacher either was kept out or learned the labels as the audit read them.
+    assert s.unaudited_poisoned_teachers == 0 < s_off.unaudited_poisoned_teachers
 
 
 # -- generated transfer data and the model-collapse guard -------------------------------------
@@ -204,3 +205,16 @@ def test_peers_screen_a_variant_whose_niche_labels_they_contradict():
     vp = np.stack([onehot[y_val]] * 5)
     vp[:4, y_val == 3] = onehot[0]
     assert peer_label_screen(p, only, niches, vp, y_val, 0.5, 0.5) == set()
+
+
+def test_the_audit_reads_labels_one_to_one():
+    truth, niches, AuditSpec, audit_labels = _audit_case()
+    given = truth.copy()
+    given[niches[1]] = (truth[niches[1]] + 1) % 4
+    pred = truth.copy()
+    # The seed confuses class 1 with class 0 in niche 1: labels 1 and 2 would both read as 0.
+    pred[niches[1][truth[niches[1]] == 1]] = 0
+    _, rep = audit_labels(pred, given, niches, 0.9, np.ones(4), AuditSpec())
+    targets = list(rep[1].mapped.values())
+    # Label 2 (11 samples, all called 0) outweighs label 1 (6 samples): it alone reads as 0.
+    assert len(targets) == len(set(targets)) and rep[1].mapped.get(2) == 0 and 1 not in rep[1].mapped

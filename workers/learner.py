@@ -33,7 +33,8 @@ class AuditSpec:
     suspect. In a suspect niche a label ``j`` whose samples the seed mostly (``>= share``)
     calls ``i`` is read as ``i`` (a systematic flip is undone, and the niche still teaches);
     a sample whose label is neither its mapped label nor the seed's prediction is given the
-    seed's prediction. The seed judges only labels of classes it recognises (validation
+    seed's prediction when the seed is sure of it (probability >= ``confidence``). The seed
+    judges only labels of classes it recognises, and maps only onto such classes (validation
     recall >= ``min_class_recall``): a niche that holds a class the seed has not learned yet
     keeps its labels, for that class is what the niche teaches. Nothing happens while the
     seed is weaker than ``min_seed_accuracy`` on the validation split (at generation 0 it
@@ -45,6 +46,8 @@ class AuditSpec:
     suspect: float = 0.5
     share: float = 0.5
     min_class_recall: float = 0.5
+    confidence: float = 0.0
+    min_count: int = 3
 
 
 @dataclass(frozen=True)
@@ -69,15 +72,22 @@ def audit_labels(
     seed_accuracy: float,
     recall: np.ndarray,
     spec: AuditSpec,
+    confidence: np.ndarray | None = None,
+    precision: np.ndarray | None = None,
 ) -> tuple[np.ndarray, list[NicheAudit]]:
     """The labels ``y`` (of the pool) as the audit reads them, and what it found per niche.
 
     ``pred`` holds the seed's predicted class of every pool sample, ``seed_accuracy`` its
     accuracy on the validation split and ``recall[c]`` its recall of class ``c`` there (NaN:
-    no validation sample of ``c``). Pure: same inputs, same answer.
+    no validation sample of ``c``) and ``confidence`` its probability of ``pred`` (None: sure).
+    Pure: same inputs, same answer.
     """
+    sure = np.ones(len(pred), dtype=bool) if confidence is None else np.asarray(confidence) >= spec.confidence
     out = np.array(y, copy=True)
     known = np.nan_to_num(np.asarray(recall, dtype=np.float64), nan=0.0) >= spec.min_class_recall
+    trusted = known.copy()  # classes the seed may map onto: it recalls them and is right when it says them
+    if precision is not None:
+        trusted &= np.nan_to_num(np.asarray(precision, dtype=np.float64), nan=0.0) >= spec.min_class_recall
     reports = []
     active = spec.mode != "none" and seed_accuracy >= spec.min_seed_accuracy
     for j, idx in enumerate(niches):
@@ -89,18 +99,25 @@ def audit_labels(
         if not active or agreement >= spec.suspect * seed_accuracy:
             reports.append(NicheAudit(j, agreement, False))
             continue
-        mapped = {}
+        candidates = {}  # label -> (target, support)
         for label in np.unique(yn):
             seen = pn[yn == label]
             counts = np.bincount(seen, minlength=int(seen.max()) + 1)
             top = int(counts.argmax())
-            if top != int(label) and counts[top] >= spec.share * len(seen) and known[int(label)]:
-                mapped[int(label)] = top
+            ok = counts[top] >= max(spec.share * len(seen), spec.min_count)
+            if top != int(label) and ok and known[int(label)] and trusted[top]:
+                candidates[int(label)] = (top, int(counts[top]))
+        # A relabelling is one-to-one: of labels that would read as the same class, the best
+        # supported keeps it and the others are left as they are.
+        mapped = {}
+        for label, (top, _support) in sorted(candidates.items(), key=lambda kv: (-kv[1][1], kv[0])):
+            if top not in mapped.values():
+                mapped[label] = top
         read = yn.copy()
         for a, b in mapped.items():
             read[yn == a] = b
         # Neither the map nor the seed supports it, and the seed knows the class it is given.
-        doubtful = ~np.isin(yn, list(mapped)) & (yn != pn) & known[yn]
+        doubtful = ~np.isin(yn, list(mapped)) & (yn != pn) & known[yn] & sure[idx]
         read[doubtful] = pn[doubtful]
         out[idx] = read
         reports.append(NicheAudit(j, agreement, True, mapped, int((read != yn).sum())))
@@ -230,10 +247,21 @@ class GroupLearner:
         yv = self.y_val.numpy()
         n_classes = self.data.n_classes
         per_class = np.bincount(yv, minlength=n_classes)
+        said = np.bincount(p_val.argmax(-1).numpy(), minlength=n_classes)
         with np.errstate(invalid="ignore", divide="ignore"):
             recall = np.bincount(yv, weights=hit, minlength=n_classes) / per_class
+            precision = np.bincount(yv, weights=hit, minlength=n_classes) / said
+        p_pool = p_pool / len(seeds)
+        conf, pred = p_pool.max(-1)
         y, reports = audit_labels(
-            p_pool.argmax(-1).numpy(), self.y_pool.numpy(), self.data.niches, float(hit.mean()), recall, self.audit_spec
+            pred.numpy(),
+            self.y_pool.numpy(),
+            self.data.niches,
+            float(hit.mean()),
+            recall,
+            self.audit_spec,
+            conf.numpy(),
+            precision,
         )
         self.y_read = torch.from_numpy(y)
         return [r.describe() for r in reports]
