@@ -48,7 +48,7 @@ def _launch(args: argparse.Namespace, cfg, resume_dir: Path | None = None) -> in
     from experiments.checkpoint import CheckpointError
     from experiments.config import ConfigError
     from experiments.runner import PopulationRun
-    from experiments.tracking import TrackingError, redact
+    from experiments.tracking import TrackingError, TrackingUnreachable, redact
     from workers.data import DataError
     from workers.pool import ClusterError
 
@@ -71,6 +71,10 @@ def _launch(args: argparse.Namespace, cfg, resume_dir: Path | None = None) -> in
             print(f"forkpop: run directory {run.run_dir}", file=sys.stderr)
             print(f"forkpop: MLflow store {redact('uri', run.tracking_uri)}", file=sys.stderr)
         summary = run.run()
+    except TrackingUnreachable as e:  # the run stopped cleanly at its last checkpoint
+        if (run.run_dir / "run.json").is_file():
+            return _fail(f"{e}; once it answers, `forkpop resume {run.run_dir}` continues the run")
+        return _fail(f"{e}; nothing was recorded yet: run again once it answers")
     except (DataError, CheckpointError, TrackingError, ClusterError) as e:
         return _fail(str(e))
     except KeyboardInterrupt:

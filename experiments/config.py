@@ -48,6 +48,9 @@ class RunConfig(_Strict):
         "(at most one per 64 variants with the batched engine).",
     )
     num_cpus: int | None = Field(None, ge=1, description="CPUs for a locally started Ray; None: all.")
+    cpus_per_worker: float = Field(
+        1.0, gt=0, description="CPUs each Ray actor asks for (Ray's num_cpus); actors never outnumber the slots."
+    )
     torch_threads: int = Field(1, ge=1, description="Torch threads per learner process.")
     retries: int = Field(
         2, ge=0, description="Re-runs of a group whose Ray actor died; then its variants are recorded as failed."
@@ -269,6 +272,12 @@ class TrackingConfig(_Strict):
         ge=0,
         description="Collapse alarm when the seed's validation accuracy and prediction entropy have both "
         "fallen at each of this many generations in a row; 0: off.",
+    )
+    outage_s: float = Field(
+        120.0,
+        ge=0,
+        description="Seconds a tracking server may stay unreachable (writes buffered and retried with backoff) "
+        "before the run stops, resumable; FORKPOP_TRACKING_PATIENCE_S overrides it.",
     )
 
 

@@ -20,7 +20,7 @@ import yaml
 
 from experiments.checkpoint import CheckpointError, read_checkpoint, write_checkpoint
 from experiments.config import ExperimentConfig, config_to_yaml, contained
-from experiments.tracking import Tracker, redact_tree, resolve_tracking_uri
+from experiments.tracking import PATIENCE_ENV, Tracker, redact_tree, resolve_tracking_uri
 from population.diversity import (
     disagreement_matrix,
     functional_diversity,
@@ -218,7 +218,8 @@ class PopulationRun:
 
     def _start_tracker(self) -> Tracker:
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        tracker = Tracker(self.tracking_uri, self.cfg.tracking.experiment, self.run_root)
+        patience = None if os.environ.get(PATIENCE_ENV) else self.cfg.tracking.outage_s
+        tracker = Tracker(self.tracking_uri, self.cfg.tracking.experiment, self.run_root, patience_s=patience)
         if self.resume is not None:
             state = self._restore()
             last = GenerationRecord(**state["records"][-1]).metrics() if state["records"] else None
@@ -241,6 +242,7 @@ class PopulationRun:
             self.cfg.run.backend,
             self.learner_spec(),
             n_workers=self.cfg.run.workers,
+            cpus_per_worker=self.cfg.run.cpus_per_worker,
             n_variants=self.cfg.population.size,
             retries=self.cfg.run.retries,
         )

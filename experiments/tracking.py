@@ -2,6 +2,8 @@
 
 The driver is the only writer. Its calls queue plain data for a tracking process, which
 writes in batches (one ``log_batch`` per variant), so learning never waits on the store.
+A tracking server that stops answering is waited for: each write is retried with bounded
+exponential backoff, idempotently, for ``FORKPOP_TRACKING_PATIENCE_S`` seconds in all.
 """
 
 from __future__ import annotations
@@ -11,6 +13,9 @@ import os
 import queue
 import sys
 import time
+import uuid
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +24,16 @@ from population.lineage import Lineage
 from population.variant import Origin, Variant
 
 PARENT_TAG = "forkpop.parent_ids"
+RUN_KEY_TAG = "forkpop.run_key"  # names a population run uniquely, so a retried create finds it
 TAGS = ("forkpop.variant_id", "forkpop.generation", "forkpop.origin", PARENT_TAG, "forkpop.niche")
 MAX_METRICS_PER_BATCH = 1000
+PATIENCE_ENV = "FORKPOP_TRACKING_PATIENCE_S"
+DEFAULT_PATIENCE_S = 120.0
+BACKOFF_FIRST_S, BACKOFF_MAX_S = 0.5, 8.0
+# One request to a server that accepts connections but does not answer (stopped, overloaded)
+# gives up after this long and is retried; MLflow's own default is 120 s with 7 retries.
+REQUEST_TIMEOUT_S = 60
+_RETRY_STATUS = (429, 500, 502, 503, 504)
 
 
 def resolve_tracking_uri(cli_uri: str | None, config_uri: str | None, run_root: Path) -> str:
@@ -36,6 +49,20 @@ def _is_local_store(uri: str) -> bool:
     return uri.startswith("sqlite:") or uri.startswith("file:") or "://" not in uri
 
 
+def tracking_patience(value: str | None = None) -> float:
+    """Seconds a tracking server may stay unreachable before a run stops: ``FORKPOP_TRACKING_PATIENCE_S``."""
+    raw = os.environ.get(PATIENCE_ENV) if value is None else value
+    if raw in (None, ""):
+        return DEFAULT_PATIENCE_S
+    try:
+        patience = float(raw)
+    except ValueError:
+        patience = float("nan")
+    if not math.isfinite(patience) or patience < 0:
+        raise TrackingError(f"{PATIENCE_ENV}={raw!r} is not a number of seconds >= 0; set it to e.g. 120")
+    return patience
+
+
 class Tracker:
     """Writes one parent run per population run and one nested run per variant.
 
@@ -44,17 +71,32 @@ class Tracker:
     milliseconds of CPU per run and must not hold the driver's interpreter lock or take the
     cores from the learners. Calls queue plain data; ``flush`` waits until it is written.
     With ``FORKPOP_TRACKING_PROFILE=1`` the process prints each write's seconds to stderr.
+
+    A tracking server (not a local store) that stops answering is retried with backoff
+    for ``patience_s`` seconds (default: ``FORKPOP_TRACKING_PATIENCE_S``, else 120) while the
+    queue holds what the driver logs; past that, :class:`TrackingUnreachable` is raised.
     """
 
-    def __init__(self, uri: str, experiment: str, artifact_root: Path | None = None, nice: int = 10):
+    def __init__(
+        self,
+        uri: str,
+        experiment: str,
+        artifact_root: Path | None = None,
+        nice: int = 10,
+        patience_s: float | None = None,
+    ):
         import multiprocessing as mp
 
         self.uri = uri
         self.experiment = experiment
+        self.patience_s = tracking_patience() if patience_s is None else float(patience_s)
+        # How long the driver waits on the writer: past a whole outage and one hung request.
+        self.timeout_s = max(600.0, self.patience_s + 2 * REQUEST_TIMEOUT_S + 60.0)
         self.run_id: str | None = None
         self.cpu_seconds = 0.0
         self._busy_seconds = 0.0
         self._error: str | None = None
+        self._unreachable = False
         self._token = 0
         ctx = mp.get_context("spawn")
         self._jobs = ctx.Queue()
@@ -62,7 +104,7 @@ class Tracker:
         root = str(artifact_root) if artifact_root is not None else None
         self._proc = ctx.Process(
             target=_writer_main,
-            args=(uri, experiment, root, nice, self._jobs, self._acks),
+            args=(uri, experiment, root, nice, self._jobs, self._acks, self.patience_s),
             name="forkpop-tracking",
             daemon=True,
         )
@@ -72,6 +114,7 @@ class Tracker:
     def start(self, run_name: str, tags: dict[str, str], params: dict[str, Any]) -> None:
         params = {k: redact(k, _param_str(v)) for k, v in params.items()}
         tags = {k: redact(k, str(v)) for k, v in tags.items()}
+        tags.setdefault(RUN_KEY_TAG, uuid.uuid4().hex)
         self._jobs.put(("start", run_name, tags, params))
 
     def attach(self, run_id: str, generation: int, last_metrics: dict[str, float] | None) -> None:
@@ -80,9 +123,9 @@ class Tracker:
         the last generation's metrics are written if the kill came before them."""
         self._jobs.put(("attach", run_id, generation, last_metrics))
 
-    def wait_started(self, timeout: float = 120.0) -> str:
+    def wait_started(self, timeout: float | None = None) -> str:
         if self.run_id is None:
-            self._wait_for("started", timeout)
+            self._wait_for("started", self.timeout_s if timeout is None else timeout)
         assert self.run_id is not None
         return self.run_id
 
@@ -115,22 +158,22 @@ class Tracker:
     def set_tags(self, tags: dict[str, str]) -> None:
         self._jobs.put(("tags", dict(tags)))
 
-    def flush(self, timeout: float = 600.0) -> float:
+    def flush(self, timeout: float | None = None) -> float:
         """Wait until everything queued is written; returns the writer's busy seconds so far."""
         self._token += 1
         self._jobs.put(("flush", self._token))
-        self._wait_for("flushed", timeout, self._token)
+        self._wait_for("flushed", self.timeout_s if timeout is None else timeout, self._token)
         self._raise_if_failed()
         return self._busy_seconds
 
-    def finish(self, status: str = "FINISHED", timeout: float = 600.0) -> None:
+    def finish(self, status: str = "FINISHED", timeout: float | None = None) -> None:
         """Close the parent run with ``status``, write what is queued and stop the writer."""
         if not self._proc.is_alive() and self._proc.exitcode is not None:
             self._raise_if_failed()
             return
         self._jobs.put(("finish", status))
         try:
-            self._wait_for("finished", timeout)
+            self._wait_for("finished", self.timeout_s if timeout is None else timeout)
         finally:
             self._proc.join(timeout=10)
             if self._proc.is_alive():
@@ -143,7 +186,8 @@ class Tracker:
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
-                raise TrackingError(f"MLflow at {self.uri} did not answer in {timeout:.0f}s; check --tracking-uri")
+                uri = redact("uri", self.uri)
+                raise TrackingError(f"MLflow at {uri} did not answer in {timeout:.0f}s; check --tracking-uri")
             try:
                 msg = self._acks.get(timeout=min(left, 1.0))
             except queue.Empty:
@@ -155,7 +199,8 @@ class Tracker:
             if what == "started":
                 self.run_id = msg[1]
             elif what == "error":
-                self._error = self._error or msg[1]
+                if self._error is None:
+                    self._error, self._unreachable = msg[1], msg[2:] == ("unreachable",)
                 if kind == "started":
                     self._raise_if_failed()
             else:
@@ -166,20 +211,36 @@ class Tracker:
     def _raise_if_failed(self) -> None:
         if self._error is not None:
             e, self._error = self._error, None
-            raise TrackingError(f"MLflow at {self.uri} failed: {e}".splitlines()[0])
+            if self._unreachable:
+                raise TrackingUnreachable(e.splitlines()[0])
+            raise TrackingError(f"MLflow at {redact('uri', self.uri)} failed: {e}".splitlines()[0])
 
 
-def _writer_main(uri: str, experiment: str, artifact_root: str | None, nice: int, jobs, acks) -> None:
+def _writer_main(
+    uri: str,
+    experiment: str,
+    artifact_root: str | None,
+    nice: int,
+    jobs,
+    acks,
+    patience_s: float = DEFAULT_PATIENCE_S,
+) -> None:
     """The tracking process: writes the queued jobs to MLflow, in order, until ``finish``."""
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the driver, which closes the run
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # no "View run" line per run
+    remote = not _is_local_store(uri)
+    if remote:  # this process retries, with backoff and a bound; MLflow's retries would hide an outage for minutes
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(REQUEST_TIMEOUT_S))
     if nice:
         try:
             os.nice(nice)
         except OSError:
             pass
     w = _Writer(uri, experiment, Path(artifact_root) if artifact_root else None)
+    retry = _Retry(redact("uri", uri), patience_s if remote else None)
     error: str | None = None
     busy = 0.0
     held: list = []  # a job taken while gathering variants, handled next
@@ -202,15 +263,16 @@ def _writer_main(uri: str, experiment: str, artifact_root: str | None, nice: int
         if kind == "finish":
             if error is None and w.run_id is not None:
                 try:
-                    w.client.set_terminated(w.run_id, job[1])
+                    retry.run(partial(_attempt, w.finish, job[1:], _now_ms()))
                 except Exception as e:
-                    error = f"{type(e).__name__}: {e}"
-                    acks.put(("error", error))
+                    error = _report_failure(acks, e)
             acks.put(("finished", busy, time.process_time()))
             return
         if error is not None:
             continue  # the first failure is reported; later writes are skipped
         t0 = time.perf_counter()
+        ts = _now_ms()  # one timestamp per record, kept when it is retried
+        args = job[1:]
         try:
             if kind == "variant":  # every variant already queued goes in one transaction
                 batch = [job[1:]]
@@ -223,56 +285,227 @@ def _writer_main(uri: str, experiment: str, artifact_root: str | None, nice: int
                         held.append(nxt)
                         break
                     batch.append(nxt[1:])
-                w.variants(batch)
-            else:
-                getattr(w, kind)(*job[1:])
+                kind, args = "variants", (batch,)
+            retry.run(partial(_attempt, getattr(w, kind), args, ts))
             if kind in ("start", "attach"):
                 acks.put(("started", w.run_id))
         except Exception as e:
-            error = f"{type(e).__name__}: {e}"
-            acks.put(("error", error))
+            error = _report_failure(acks, e)
         busy += time.perf_counter() - t0
         if os.environ.get("FORKPOP_TRACKING_PROFILE"):
             print(f"[tracking] {kind} {time.perf_counter() - t0:.4f}s", file=sys.stderr, flush=True)
 
 
+def _attempt(write: Callable[..., Any], args: tuple, ts: int, again: bool) -> Any:
+    return write(*args, ts=ts, retry=again)
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _report_failure(acks: Any, e: BaseException) -> str:
+    """Tell the driver of a write that failed for good; returns the message."""
+    if isinstance(e, TrackingUnreachable):
+        acks.put(("error", str(e), "unreachable"))
+        return str(e)
+    acks.put(("error", f"{type(e).__name__}: {e}"))
+    return f"{type(e).__name__}: {e}"
+
+
+def is_transient(e: BaseException) -> bool:
+    """Whether a failed request may succeed later: no answer (refused, reset, timed out) or an
+    overloaded/unavailable server (429, 5xx). A request the server refused (4xx) is not."""
+    import requests
+
+    if isinstance(e, (requests.exceptions.ConnectionError, requests.exceptions.Timeout)):
+        return True
+    if isinstance(e, requests.exceptions.ChunkedEncodingError):
+        return True
+    if isinstance(e, requests.exceptions.HTTPError):
+        return e.response is not None and e.response.status_code in _RETRY_STATUS
+    if isinstance(e, (ConnectionError, TimeoutError)):
+        return True
+    try:
+        from mlflow.exceptions import MlflowException, RestException
+    except ImportError:  # pragma: no cover - mlflow is a dependency
+        return False
+    if isinstance(e, MlflowException):
+        msg = str(e.message)
+        if msg.startswith("API request to") and ("failed with exception" in msg or "timeout exception" in msg):
+            return True  # MLflow's REST client found no server, or no answer
+        if isinstance(e, RestException) or msg.startswith("API request to"):
+            return e.get_http_status_code() in _RETRY_STATUS
+    return False
+
+
+class _Retry:
+    """Runs a write until it succeeds, retrying transient failures after 0.5 s, 1 s, 2 s, ...
+    (at most ``BACKOFF_MAX_S`` apart) until ``patience_s`` seconds from the first failure.
+
+    The write is called as ``write(retry)``; ``retry`` is true when an earlier attempt may
+    have landed in part, so the write first looks up what is there. ``patience_s`` None: no
+    retries (a local store fails at once). The first failure of an outage and the recovery
+    are each said in one line on stderr.
+    """
+
+    def __init__(
+        self,
+        where: str,
+        patience_s: float | None,
+        transient: Callable[[BaseException], bool] = is_transient,
+        sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.where, self.patience_s = where, patience_s
+        self.transient, self.sleep, self.clock = transient, sleep, clock
+        self.retries = 0  # over the writer's life
+
+    def run(self, write: Callable[[bool], Any]) -> Any:
+        delay, first_failure, again = BACKOFF_FIRST_S, None, False
+        while True:
+            t_try = self.clock()
+            try:
+                out = write(again)
+            except Exception as e:
+                if self.patience_s is None or not self.transient(e):
+                    raise
+                if first_failure is None:
+                    first_failure = t_try
+                    print(
+                        f"forkpop: MLflow at {self.where} is not answering ({_short(e)}); "
+                        f"retrying for up to {self.patience_s:.0f}s",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                waited = self.clock() - first_failure
+                if waited >= self.patience_s:
+                    raise TrackingUnreachable(
+                        f"the MLflow tracking server at {self.where} has been unreachable for {waited:.0f}s "
+                        f"({_short(e)})"
+                    ) from e
+                self.sleep(min(delay, self.patience_s - waited))  # the last try comes at the deadline
+                delay = min(2 * delay, BACKOFF_MAX_S)
+                again = True
+                self.retries += 1
+                continue
+            if first_failure is not None:
+                print(
+                    f"forkpop: MLflow at {self.where} answers again after {self.clock() - first_failure:.1f}s",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            return out
+
+
+def _short(e: BaseException) -> str:
+    """A failed request in a few words (MLflow's messages hold whole URLs and urllib3 reprs)."""
+    text = str(e)
+    status = getattr(e, "get_http_status_code", None)
+    if status is not None and "failed with exception" not in text and "timeout exception" not in text:
+        return f"HTTP {status()}: {text}".splitlines()[0][:160]  # the server answered, with an error
+    for needle, words in (
+        ("Connection refused", "connection refused"),
+        ("timed out", "timed out"),
+        ("Read timed out", "timed out"),
+        ("RemoteDisconnected", "connection closed"),
+        ("Connection reset", "connection reset"),
+        ("Connection aborted", "connection closed"),
+        ("Name or service not known", "host not found"),
+    ):
+        if needle in text:
+            return words
+    return f"{type(e).__name__}: {text}".splitlines()[0][:160]
+
+
+def _metric_id(m: Any) -> tuple:
+    """A metric point as the store keeps it: NaN and infinities as MLflow's SQL store does."""
+    is_nan, value = _sql_metric_value(float(m.value))
+    return (m.key, int(m.step), int(m.timestamp), is_nan, value)
+
+
 class _Writer:
-    """The MLflow calls, made in the tracking process."""
+    """The MLflow calls, made in the tracking process.
+
+    Every write may be called again with ``retry=True`` after a failure that left it unknown
+    what landed (a request that timed out may still be carried out by the server); it then
+    looks up the runs it would create (by ``forkpop.run_key``, or the variant id under the
+    parent run) and the metric points it would log, and writes only what is missing. Runs
+    made twice all the same (a timed-out create the server carried out after the retry's
+    look-up) are deleted before the parent run is closed, keeping the one that was written.
+    """
 
     def __init__(self, uri: str, experiment: str, artifact_root: Path | None, use_bulk: bool = True):
         self.uri, self.experiment, self.artifact_root = uri, experiment, artifact_root
         self.run_id: str | None = None
+        self.run_key: str | None = None
         self.use_bulk = use_bulk
+        self.bulk: _BulkSql | None = None
+        self.retried = False  # some write was retried: look for runs made twice before closing
+        self.written: set[str] = set()  # variant runs this writer filled
 
-    def start(self, run_name: str, tags: dict[str, str], params: dict[str, str]) -> None:
+    def _experiment_id(self) -> str:
+        from mlflow.exceptions import MlflowException
+
+        exp = self.client.get_experiment_by_name(self.experiment)
+        if exp is not None:
+            return exp.experiment_id
+        loc = None
+        if self.artifact_root is not None and _is_local_store(self.uri):
+            loc = (self.artifact_root / "mlartifacts").resolve().as_uri()
+        try:
+            return self.client.create_experiment(self.experiment, artifact_location=loc)
+        except MlflowException as e:  # made meanwhile, by another run or by a create that timed out
+            if e.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+            return self.client.get_experiment_by_name(self.experiment).experiment_id
+
+    def start(
+        self, run_name: str, tags: dict[str, str], params: dict[str, str], ts: int | None = None, retry: bool = False
+    ) -> None:
         from mlflow import MlflowClient
         from mlflow.entities import Param
 
+        self.retried |= retry
         self.client = MlflowClient(self.uri)
-        exp = self.client.get_experiment_by_name(self.experiment)
-        if exp is None:
-            loc = None
-            if self.artifact_root is not None and _is_local_store(self.uri):
-                loc = (self.artifact_root / "mlartifacts").resolve().as_uri()
-            exp_id = self.client.create_experiment(self.experiment, artifact_location=loc)
-        else:
-            exp_id = exp.experiment_id
+        exp_id = self._experiment_id()
         self.experiment_id = exp_id
-        run = self.client.create_run(exp_id, tags={"mlflow.runName": run_name, **tags}, run_name=run_name)
-        self.run_id = run.info.run_id
-        self.client.log_batch(self.run_id, params=[Param(k, v) for k, v in params.items()])
+        self.run_key = tags.get(RUN_KEY_TAG)
+        found = self._runs_with_key(exp_id, self.run_key) if retry and self.run_key else []
+        if found:
+            self.run_id = found[0].info.run_id
+            params = {k: v for k, v in params.items() if k not in found[0].data.params}
+        else:
+            run = self.client.create_run(exp_id, tags={"mlflow.runName": run_name, **tags}, run_name=run_name)
+            self.run_id = run.info.run_id
+        if params or not found:
+            self.client.log_batch(self.run_id, params=[Param(k, v) for k, v in params.items()])
         self.bulk = _BulkSql.for_client(self.client, exp_id) if self.use_bulk else None
         self.bulk_off_reason = ""
 
-    def attach(self, run_id: str, generation: int, last_metrics: dict[str, float] | None) -> None:
+    def _runs_with_key(self, exp_id: str, key: str) -> list:
+        runs = self.client.search_runs([exp_id], f"tags.`{RUN_KEY_TAG}` = '{key}'", max_results=100)
+        return sorted(runs, key=lambda r: (r.info.start_time or 0, r.info.run_id))
+
+    def attach(
+        self,
+        run_id: str,
+        generation: int,
+        last_metrics: dict[str, float] | None,
+        ts: int | None = None,
+        retry: bool = False,
+    ) -> None:
         from mlflow import MlflowClient
         from mlflow.entities import Metric
 
+        self.retried |= retry
         self.client = MlflowClient(self.uri)
         run = self.client.get_run(run_id)
         self.run_id, self.experiment_id = run_id, run.info.experiment_id
+        self.run_key = run.data.tags.get(RUN_KEY_TAG)
         self.client.update_run(run_id, status="RUNNING")
-        kids = self.client.search_runs([self.experiment_id], f"tags.mlflow.parentRunId = '{run_id}'", max_results=50000)
+        kids = self._kids()
+        keep = []
         for r in kids:
             t = r.data.tags
             gen, origin = int(t.get("forkpop.generation", 0)), t.get("forkpop.origin", "")
@@ -282,63 +515,145 @@ class _Writer:
                 self.client.set_terminated(r.info.run_id, "KILLED")
             if stale:
                 self.client.delete_run(r.info.run_id)
+            else:
+                keep.append(r)
+        self._delete_doubles(keep)
         have = {m.step for m in self.client.get_metric_history(run_id, "seed_val_accuracy")}
         # A generation redone after a corrupt checkpoint was logged before, with the same
         # figures (a run is deterministic): its metrics are not written twice.
         self.logged_steps = {s for s in have if s > generation}
         if last_metrics and generation >= 0:
             if generation not in have:
-                ts = int(time.time() * 1000)
-                ms = [Metric(k, float(v), ts, generation) for k, v in last_metrics.items()]
-                for i in range(0, len(ms), MAX_METRICS_PER_BATCH):
-                    self.client.log_batch(run_id, metrics=ms[i : i + MAX_METRICS_PER_BATCH])
+                ts = _now_ms() if ts is None else ts
+                self._log_metrics(run_id, [Metric(k, float(v), ts, generation) for k, v in last_metrics.items()], retry)
         self.bulk = _BulkSql.for_client(self.client, self.experiment_id) if self.use_bulk else None
         self.bulk_off_reason = ""
 
-    def variants(self, batch: list[tuple]) -> None:
+    def _kids(self, generation: str | None = None) -> list:
+        where = f"tags.mlflow.parentRunId = '{self.run_id}'"
+        if generation is not None:
+            where += f" and tags.`forkpop.generation` = '{generation}'"
+        return self.client.search_runs([self.experiment_id], where, max_results=50000)
+
+    def _delete_doubles(self, kids: list) -> int:
+        """Delete all but one run of each variant; the one kept is the one this writer filled,
+        else a finished one with the most metrics, else the first made."""
+        by_id: dict[str, list] = {}
+        for r in kids:
+            by_id.setdefault(_variant_key(r), []).append(r)
+        gone = 0
+        for runs in by_id.values():
+            for r in sorted(runs, key=self._rank)[1:]:
+                self.client.delete_run(r.info.run_id)
+                gone += 1
+        return gone
+
+    def _rank(self, run: Any) -> tuple:
+        """Of several runs of one variant, the one to keep sorts first."""
+        info = run.info
+        filled = info.run_id in self.written
+        return (not filled, info.status != "FINISHED", -len(run.data.metrics), info.start_time or 0, info.run_id)
+
+    def variants(self, batch: list[tuple], ts: int | None = None, retry: bool = False) -> None:
         """Nested runs for a batch of variants: in one SQL transaction where the store allows."""
-        if self.bulk is not None:
+        ts = _now_ms() if ts is None else ts
+        self.retried |= retry
+        if self.bulk is not None and not retry:
             try:
-                self.bulk.write(self.experiment_id, self.run_id, batch)
+                self.bulk.write(self.experiment_id, self.run_id, batch, ts)
                 return
             except Exception as e:  # an MLflow whose tables differ: the client API, from now on
                 self.bulk, self.bulk_off_reason = None, f"{type(e).__name__}: {e}"
+        found: dict[str, list] = {}
+        if retry:  # runs an earlier attempt made, by variant id
+            for gen in sorted({item[1].get("forkpop.generation") for item in batch}, key=str):
+                for r in self._kids(gen):
+                    found.setdefault(_variant_key(r), []).append(r)
         for item in batch:
-            self.variant(*item)
+            runs = found.get(item[1].get("forkpop.variant_id", item[0]))
+            self.variant(*item, ts=ts, run=min(runs, key=self._rank) if runs else None)
 
     def variant(
-        self, name: str, tags: dict[str, str], params: dict[str, str], metrics: dict, steps: dict[str, list[float]]
+        self,
+        name: str,
+        tags: dict[str, str],
+        params: dict[str, str],
+        metrics: dict,
+        steps: dict[str, list[float]],
+        ts: int | None = None,
+        run: Any = None,
     ) -> None:
+        """One nested run; ``run``: this variant's run as an earlier attempt left it, to complete."""
         from mlflow.entities import Metric, Param
 
-        ts = int(time.time() * 1000)
-        run = self.client.create_run(
-            self.experiment_id, tags={"mlflow.parentRunId": self.run_id, **tags}, run_name=name
-        )
-        rid = run.info.run_id
+        ts = _now_ms() if ts is None else ts
         ms = [Metric(k, v, ts, 0) for k, v in metrics.items()]
         for k, series in steps.items():
             ms.extend(Metric(k, v, ts, s) for s, v in enumerate(series))
         ps = [Param(k, v) for k, v in params.items()]
+        if run is None:
+            rid = self.client.create_run(
+                self.experiment_id, tags={"mlflow.parentRunId": self.run_id, **tags}, run_name=name
+            ).info.run_id
+        else:  # what an earlier attempt wrote is not written again
+            rid = run.info.run_id
+            ms = self._missing(rid, ms, run.data.metrics)
+            ps = [p for p in ps if p.key not in run.data.params]
+            if not ms and not ps and run.info.status == "FINISHED":
+                self.written.add(rid)
+                return
+        self.written.add(rid)
         for i in range(0, max(len(ms), 1), MAX_METRICS_PER_BATCH):
-            self.client.log_batch(rid, metrics=ms[i : i + MAX_METRICS_PER_BATCH], params=ps if i == 0 else [])
+            if ms or ps:
+                self.client.log_batch(rid, metrics=ms[i : i + MAX_METRICS_PER_BATCH], params=ps if i == 0 else [])
         self.client.set_terminated(rid, "FINISHED")
 
-    def generation(self, generation: int, metrics: dict[str, float]) -> None:
+    def _missing(self, run_id: str, metrics: list, logged_keys: Any) -> list:
+        """The points of ``metrics`` not yet in run ``run_id`` (``logged_keys``: its metric keys)."""
+        there: set[tuple] = set()
+        for key in sorted({m.key for m in metrics} & set(logged_keys)):
+            there.update(_metric_id(m) for m in self.client.get_metric_history(run_id, key))
+        return [m for m in metrics if _metric_id(m) not in there]
+
+    def _log_metrics(self, run_id: str, metrics: list, retry: bool) -> None:
+        if retry:
+            metrics = self._missing(run_id, metrics, self.client.get_run(run_id).data.metrics)
+        for i in range(0, len(metrics), MAX_METRICS_PER_BATCH):
+            self.client.log_batch(run_id, metrics=metrics[i : i + MAX_METRICS_PER_BATCH])
+
+    def generation(
+        self, generation: int, metrics: dict[str, float], ts: int | None = None, retry: bool = False
+    ) -> None:
         from mlflow.entities import Metric
 
+        self.retried |= retry
         if generation in getattr(self, "logged_steps", ()):
             return
-        ts = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(k, v, ts, generation) for k, v in metrics.items()])
+        ts = _now_ms() if ts is None else ts
+        self._log_metrics(self.run_id, [Metric(k, v, ts, generation) for k, v in metrics.items()], retry)
 
-    def text(self, text: str, name: str) -> None:
-        self.client.log_text(self.run_id, text, name)
+    def text(self, text: str, name: str, ts: int | None = None, retry: bool = False) -> None:
+        self.client.log_text(self.run_id, text, name)  # the same file again: idempotent
 
-    def tags(self, tags: dict[str, str]) -> None:
+    def tags(self, tags: dict[str, str], ts: int | None = None, retry: bool = False) -> None:
         from mlflow.entities import RunTag
 
         self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+
+    def finish(self, status: str, ts: int | None = None, retry: bool = False) -> None:
+        """Close the parent run; after any retry, first delete runs that were made twice."""
+        self.retried |= retry
+        if self.retried:
+            self._delete_doubles(self._kids())
+            if self.run_key:
+                for r in self._runs_with_key(self.experiment_id, self.run_key):
+                    if r.info.run_id != self.run_id:
+                        self.client.delete_run(r.info.run_id)
+        self.client.set_terminated(self.run_id, status)
+
+
+def _variant_key(run: Any) -> str:
+    return run.data.tags.get("forkpop.variant_id") or run.info.run_name
 
 
 class _BulkSql:
@@ -368,13 +683,11 @@ class _BulkSql:
         except Exception:
             return None
 
-    def write(self, experiment_id: str, parent_run_id: str, batch: list[tuple]) -> None:
-        import uuid
-
+    def write(self, experiment_id: str, parent_run_id: str, batch: list[tuple], ts: int | None = None) -> None:
         from mlflow.store.tracking.dbmodels.models import SqlLatestMetric, SqlMetric, SqlParam, SqlRun, SqlTag
         from mlflow.utils.uri import append_to_uri_path
 
-        ts = int(time.time() * 1000)
+        ts = _now_ms() if ts is None else ts
         runs, tags_rows, param_rows, metric_rows, latest_rows = [], [], [], [], []
         for name, tags, params, metrics, steps in batch:
             run_id = uuid.uuid4().hex
@@ -439,6 +752,10 @@ def _sql_metric_value(v: float) -> tuple[bool, float]:
 
 class TrackingError(RuntimeError):
     pass
+
+
+class TrackingUnreachable(TrackingError):
+    """The tracking server stayed unreachable past the patience: the run stops, resumable."""
 
 
 _SECRET_KEYS = ("token", "password", "passwd", "secret", "api_key", "apikey", "credential")

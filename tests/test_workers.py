@@ -201,6 +201,9 @@ def test_workers_are_planned_from_the_clusters_resources():
     assert plan_workers({"CPU": 8}, spec, n_variants=200)[0] == 3
     assert plan_workers({"CPU": 8}, LearnerSpec(DataSpec(), engine="loop"), n_variants=16)[0] == 8
     assert plan_workers({"CPU": 8}, spec, n_workers=5, n_variants=16)[0] == 5
+    # More actors than the cluster has room for would wait for ever: the groups grow instead.
+    assert plan_workers({"CPU": 2}, spec, n_workers=5, n_variants=16)[0] == 2
+    assert plan_workers({"CPU": 4}, spec, n_workers=4, cpus_per_worker=2.0)[0] == 2
     # GPUs: one actor each, whatever the population; device=cpu leaves them alone.
     assert plan_workers({"CPU": 16, "GPU": 2}, spec, n_variants=16) == (2, {"num_cpus": 1.0, "num_gpus": 1.0})
     assert plan_workers({"CPU": 16, "GPU": 2}, spec, n_workers=4)[1]["num_gpus"] == 0.5

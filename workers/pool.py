@@ -45,7 +45,10 @@ def plan_workers(
     One actor per GPU when the device may be CUDA and there are GPUs; otherwise one per
     ``cpus_per_worker`` CPUs, but, with the batched engine, no more than one per
     ``VARIANTS_PER_CPU_WORKER`` variants (a smaller group does not fill a core, so fewer
-    actors learn as fast and leave cores to the driver). ``n_workers`` overrides the count.
+    actors learn as fast and leave cores to the driver). ``n_workers`` overrides the count,
+    up to the actors the cluster has room for: an actor holds its CPUs for the whole run, so
+    one that found no room would wait for ever; past the slots, each actor takes a larger
+    group (its variants learn together, or one after another with the loop engine).
     """
     gpus = int(resources.get("GPU", 0)) if spec.device in ("auto", "cuda") else 0
     if spec.device == "cuda" and gpus == 0:
@@ -57,6 +60,9 @@ def plan_workers(
             n_workers = max(1, int(int(resources.get("CPU", 1)) // max(cpus_per_worker, 1e-9)))
             if n_variants is not None and spec.engine == "batched":
                 n_workers = max(1, min(n_workers, n_variants // VARIANTS_PER_CPU_WORKER))
+    if not gpus:
+        slots = int(float(resources.get("CPU", 1)) // max(cpus_per_worker, 1e-9))
+        n_workers = max(1, min(n_workers, slots))
     opts: dict[str, float] = {"num_cpus": cpus_per_worker}
     if gpus:
         opts["num_gpus"] = min(1.0, gpus / n_workers)
@@ -101,6 +107,7 @@ class LocalPool:
         return [
             {
                 "node": "local",
+                "ip": "127.0.0.1",
                 "device": str(eng.device) if eng else "cpu",
                 "engine": self.learner.plan.kind,
                 "reason": self.learner.plan.reason,

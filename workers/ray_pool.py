@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from pathlib import Path
 
 import numpy as np
 import ray
@@ -18,17 +19,18 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
 
 def token_auth_configured() -> bool:
     """Whether this process would connect to Ray with token authentication: ``RAY_AUTH_MODE``
-    when it is set (``token``), else, as Ray does with it unset, whether a token is available
-    (``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH`` or Ray's default token file)."""
+    when it is set (``token``), else, as Ray does with it unset, whether a token is there to
+    send (``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH`` or Ray's default ``~/.ray/auth_token``).
+    Ray's own token loader is not asked: it caches the token for the life of the process."""
     mode = os.environ.get("RAY_AUTH_MODE")
     if mode is not None:
         return mode.strip().lower() == "token"
+    if os.environ.get("RAY_AUTH_TOKEN", "").strip() or os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        return True
     try:
-        from ray._private.authentication.authentication_token_setup import AuthenticationTokenLoader
-
-        return bool(AuthenticationTokenLoader.instance().has_token(ignore_auth_mode=True))
-    except Exception:  # an older or newer Ray without this loader: the documented variables
-        return bool(os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH"))
+        return (Path.home() / ".ray" / "auth_token").is_file()
+    except RuntimeError:  # no home directory
+        return False
 
 
 def check_address(address: str, allow_insecure: bool = False) -> None:
@@ -75,9 +77,10 @@ class LearnerActor:
         return os.getpid()
 
     def describe(self) -> dict:
-        """Where this actor computes and how: device, engine, peak memory (bytes)."""
+        """Where this actor computes and how: node (id and IP), device, engine, peak memory (bytes)."""
         return {
             "node": ray.get_runtime_context().get_node_id(),
+            "ip": ray.util.get_node_ip_address(),
             "device": str(self.learner.engine.device) if self.learner.engine else "cpu",
             "engine": self.learner.plan.kind,
             "reason": self.learner.plan.reason,
@@ -106,7 +109,8 @@ class RayPool:
     variants when the engine is batched. Each actor hosts its share of the population as one
     batched group. The seed's weights travel with the calls (or, when large, through the
     object store once per generation); each actor returns its group's weights as one array
-    and its results as a few flat arrays.
+    and its results as a few flat arrays. On a cluster of several nodes the actors are
+    spread over the nodes (Ray would otherwise fill the driver's node first).
     """
 
     def __init__(
@@ -120,6 +124,8 @@ class RayPool:
     ):
         ensure_ray(address)
         self.n_workers, self._opts = plan_workers(ray.cluster_resources(), spec, n_workers, cpus_per_worker, n_variants)
+        if sum(1 for n in ray.nodes() if n.get("Alive")) > 1:
+            self._opts["scheduling_strategy"] = "SPREAD"
         self.spec = spec
         self.retries = retries
         self.actors = [LearnerActor.options(**self._opts).remote(spec) for _ in range(self.n_workers)]
