@@ -55,3 +55,20 @@ def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]
         raise
     except (OSError, ValueError, KeyError) as e:
         raise CheckpointError(f"checkpoint {path} cannot be read ({type(e).__name__}); it is incomplete") from None
+
+
+def write_seconds(run_dir: Path, generation: int, seconds: dict[str, float]) -> None:
+    """The generation's timings beside its checkpoint (``seconds.json``, written atomically)."""
+    folder = run_dir / "checkpoints" / f"gen-{generation:04d}"
+    tmp = folder / ".seconds.json.tmp"
+    tmp.write_text(json.dumps(seconds))
+    os.replace(tmp, folder / "seconds.json")
+
+
+def read_seconds(folder: Path) -> dict[str, float]:
+    """The timings kept beside a checkpoint; empty when the run stopped before they were written."""
+    try:
+        raw = json.loads((folder / "seconds.json").read_text())
+        return {str(k): float(v) for k, v in raw.items()}
+    except (OSError, ValueError, AttributeError, TypeError):
+        return {}

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import yaml
 
-from experiments.checkpoint import CheckpointError, read_checkpoint, write_checkpoint
+from experiments.checkpoint import CheckpointError, read_checkpoint, read_seconds, write_checkpoint, write_seconds
 from experiments.config import ExperimentConfig, config_to_yaml, contained
 from experiments.tracking import PATIENCE_ENV, Tracker, redact_tree, resolve_tracking_uri
 from population.diversity import (
@@ -621,6 +621,9 @@ class PopulationRun:
         secs["report"] = secs["evaluate"] + secs["tracking"] + secs["diversity"] + secs["checkpoint"]
         secs["generation"] = (t_next if t_next is not None else time.perf_counter()) - t_gen
         rec.seconds = secs
+        # The timings are known only once the checkpoint is written: kept beside it, so a
+        # resume after a kill before they reached MLflow logs them with the rest.
+        write_seconds(self.run_dir, g, secs)
         tracker.log_generation(g, rec.metrics())
         history.append(rec)
         for k, v in secs.items():
@@ -646,7 +649,11 @@ class PopulationRun:
         for folder in folders:
             try:
                 tensors, state = read_checkpoint(folder)
-                records = [read_checkpoint(f)[1]["record"] for f in sorted(folders) if f.name <= folder.name]
+                records = [
+                    {**read_checkpoint(f)[1]["record"], "seconds": read_seconds(f)}
+                    for f in sorted(folders)
+                    if f.name <= folder.name
+                ]
             except CheckpointError as e:
                 print(f"forkpop: {e}; trying the generation before", file=sys.stderr)
                 continue

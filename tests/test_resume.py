@@ -127,3 +127,31 @@ def test_generated_transfer_data_is_checkpointed_and_resumes_to_the_same_metrics
     assert {k: after[k] for k in keys} == {k: before[k] for k in keys}
     assert [v for _, v in after["transfer_generated"]][-1] > [v for _, v in after["transfer_generated"]][0]
     assert len(kids) == len(set(kids)) == len(first.lineage)
+
+
+def test_a_kill_between_a_checkpoint_and_its_generation_metrics_loses_no_metric(tmp_path):
+    """Generation 1's checkpoint is on disk but none of its parent-run metrics reached the
+    store (timings included): the resume writes them all, once."""
+    import sqlite3
+
+    cfg = tiny_config(tmp_path, run={"generations": 3})
+    db = tmp_path / "m.db"
+    s = PopulationRun(cfg, tracking_uri=f"sqlite:///{db}", progress=False).run()
+    _, before, _, _ = _parent_metrics(f"sqlite:///{db}", s.mlflow_run_id)
+    shutil.rmtree(Path(s.run_dir) / "checkpoints" / "gen-0002")
+    with sqlite3.connect(db) as c:  # as if the store went away right after generation 1's checkpoint
+        c.execute("delete from metrics where run_uuid = ? and step >= 1", (s.mlflow_run_id,))
+        c.execute("delete from latest_metrics where run_uuid = ?", (s.mlflow_run_id,))
+    p = subprocess.run(_cli("resume", s.run_dir, "--quiet", cwd=tmp_path), cwd=tmp_path, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-2000:]
+    _, after, _, _ = _parent_metrics(f"sqlite:///{db}", s.mlflow_run_id)
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{db}")
+    timings = sorted(k for k in client.get_run(s.mlflow_run_id).data.metrics if k.startswith("time_"))
+    assert "time_checkpoint" in timings and "time_generation" in timings
+    for key in timings:  # every generation's timing is there, once (values differ: they are times)
+        assert sorted(m.step for m in client.get_metric_history(s.mlflow_run_id, key)) == [0, 1, 2], key
+    assert {k: v for k, v in after.items() if not k.startswith("time_")} == {
+        k: v for k, v in before.items() if not k.startswith("time_")
+    }
