@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -67,6 +68,15 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     """Share of rows of ``x`` ``(n, n_features)`` whose argmax prediction equals ``y`` ``(n,)``."""
     model.eval()
     return float((model(x).argmax(1) == y).float().mean())
+
+
+def class_rates(pred: np.ndarray, y: np.ndarray, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per class, the share of samples of that class predicted as it (recall) and of
+    predictions of it that are right (precision); NaN where a class has none. ``(n_classes,)`` each."""
+    hit = (pred == y).astype(np.float64)
+    right = np.bincount(y, weights=hit, minlength=n_classes)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return right / np.bincount(y, minlength=n_classes), right / np.bincount(pred, minlength=n_classes)
 
 
 def load_flat_weights(model: nn.Module, flat: torch.Tensor) -> nn.Module:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from population.models import class_rates
+
 
 def cluster_by_function(distance: np.ndarray, n_species: int) -> list[list[int]]:
     """Average-linkage clusters of a symmetric ``(n, n)`` functional distance matrix.
@@ -109,9 +111,7 @@ def peer_label_screen(
         loo = (total - probs[i]).argmax(-1)
         loo_val = (total_val - val_probs[i]).argmax(-1)
         hit = loo_val == y_val
-        per_class = np.bincount(y_val, minlength=n_classes)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            recall = np.nan_to_num(np.bincount(y_val, weights=hit, minlength=n_classes) / per_class)
+        recall = np.nan_to_num(class_rates(loo_val, y_val, n_classes)[0])
         idx = niches[i]
         judged = idx[recall[y[idx]] >= min_class_recall]
         if len(judged) < min_judged:

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from population.forking import perturb_weights
-from population.models import accuracy, build_model, flat_weights, load_flat_weights
+from population.models import accuracy, build_model, class_rates, flat_weights, load_flat_weights, predict_many
 from population.optim import sgd_step
 from workers.data import DataBundle, DataSpec, SplitPlan, load_data
 from workers.engine import ENGINES, EXPLODED, BatchedEngine, EnginePlan, plan_engine, resolve_device
@@ -236,28 +236,14 @@ class GroupLearner:
         if self.audit_spec.mode == "none":
             return []
         seeds = seed_weights if seed_weights.dim() == 2 else seed_weights.unsqueeze(0)
-        p_pool = p_val = 0.0
-        with torch.no_grad():
-            for s in seeds:
-                model = load_flat_weights(self.model, s)
-                model.eval()
-                p_pool = p_pool + torch.softmax(model(self.x_pool), -1)
-                p_val = p_val + torch.softmax(model(self.x_val), -1)
-        hit = (p_val.argmax(-1) == self.y_val).numpy()
-        yv = self.y_val.numpy()
-        n_classes = self.data.n_classes
-        per_class = np.bincount(yv, minlength=n_classes)
-        said = np.bincount(p_val.argmax(-1).numpy(), minlength=n_classes)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            recall = np.bincount(yv, weights=hit, minlength=n_classes) / per_class
-            precision = np.bincount(yv, weights=hit, minlength=n_classes) / said
-        p_pool = p_pool / len(seeds)
-        conf, pred = p_pool.max(-1)
+        conf, pred = predict_many(self.model, seeds, self.x_pool)[0].mean(0).max(-1)
+        pred_val, y_val = predict_many(self.model, seeds, self.x_val)[0].mean(0).argmax(-1).numpy(), self.y_val.numpy()
+        recall, precision = class_rates(pred_val, y_val, self.data.n_classes)
         y, reports = audit_labels(
             pred.numpy(),
             self.y_pool.numpy(),
             self.data.niches,
-            float(hit.mean()),
+            float((pred_val == y_val).mean()),
             recall,
             self.audit_spec,
             conf.numpy(),
