@@ -21,11 +21,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from experiments.config import load_config  # noqa: E402
-from experiments.runner import PopulationRun  # noqa: E402
-from population import build_model, flat_weights  # noqa: E402
-from selection import accuracy_of  # noqa: E402
-from workers import ForkTask, GroupLearner, stream_batches  # noqa: E402
+from forkpop.experiments.config import load_config  # noqa: E402
+from forkpop.experiments.runner import PopulationRun  # noqa: E402
+from forkpop.population import flat_weights  # noqa: E402
+from forkpop.selection import accuracy_of  # noqa: E402
+from forkpop.workers import ForkTask, GroupLearner, stream_batches  # noqa: E402
 
 
 def main() -> None:
@@ -46,11 +46,12 @@ def main() -> None:
     x_test, y_test = torch.from_numpy(d.x_test), torch.from_numpy(d.y_test)
     sizes = torch.tensor([len(n) for n in d.niches], dtype=torch.float32)
     genome = {"lr": args.lr, "momentum": 0.9, "weight_decay": 0.0, "epochs": args.epochs, "fork_noise": 0.0}
-    model = build_model(cfg.model.family, d.n_features, d.n_classes, cfg.model.hidden)
+    spec = run.learner_spec().model  # the family, hidden widths and options of the config
+    model = spec.build(d.n_features, d.n_classes)
     rows = []
     for seed in range(args.seeds):
         t0 = time.perf_counter()
-        w = flat_weights(build_model(cfg.model.family, d.n_features, d.n_classes, cfg.model.hidden, seed))
+        w = flat_weights(spec.build(d.n_features, d.n_classes, seed))
         curve = []
         for r in range(args.rounds):
             tasks = [ForkTask(f"c{i}", i, genome, seed * 10_000 + r) for i in range(len(d.niches))]
@@ -71,7 +72,7 @@ def main() -> None:
         central = GroupLearner(run.learner_spec())
         pooled = np.random.default_rng(seed).permutation(np.concatenate(d.niches))
         central.streams = [stream_batches(pooled, cfg.data.batch_size)]
-        w0 = flat_weights(build_model(cfg.model.family, d.n_features, d.n_classes, cfg.model.hidden, seed))
+        w0 = flat_weights(spec.build(d.n_features, d.n_classes, seed))
         wc, _ = central.learn(w0, [ForkTask("central", 0, {**genome, "epochs": args.rounds * args.epochs}, seed)])
         rows.append(
             {

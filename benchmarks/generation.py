@@ -32,9 +32,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from experiments.cli import _resolve_config  # noqa: E402
-from experiments.config import load_config  # noqa: E402
-from experiments.runner import PopulationRun  # noqa: E402
+from forkpop.experiments.cli import _resolve_config  # noqa: E402
+from forkpop.experiments.config import load_config  # noqa: E402
+from forkpop.experiments.runner import PopulationRun  # noqa: E402
 
 PHASES = ("learning", "ray", "plan", "selection", "distillation", "other")
 REPORT = ("evaluation", "tracking", "checkpoint")

@@ -31,9 +31,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from population import build_model, flat_weights  # noqa: E402
-from workers import DataSpec, ForkTask, GroupLearner, LearnerSpec, ModelSpec, load_data  # noqa: E402
-from workers.engine import resolve_device  # noqa: E402
+from forkpop.population import build_model, flat_weights  # noqa: E402
+from forkpop.workers import DataSpec, ForkTask, GroupLearner, LearnerSpec, ModelSpec, load_data  # noqa: E402
+from forkpop.workers.engine import resolve_device  # noqa: E402
 
 BATCH = 32
 HIDDEN = (128,)

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from population.lineage import Lineage
-from population.variant import Origin
+from forkpop.population.lineage import Lineage
+from forkpop.population.variant import Origin
 
 # Parent-run metrics, grouped into one plot each.
 PLOTS: dict[str, tuple[str, list[str]]] = {
@@ -59,10 +59,9 @@ def load_run(run_id: str, tracking_uri: str | None, matrices: bool = True) -> Ru
     import os
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    from forkpop.experiments.tracking import lineage_from_mlflow
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
-
-    from experiments.tracking import lineage_from_mlflow
 
     client = MlflowClient(tracking_uri)
     try:

@@ -33,7 +33,7 @@ def _resolve_config(path: str) -> str:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from experiments.config import ConfigError, load_config
+    from forkpop.experiments.config import ConfigError, load_config
 
     try:
         cfg = load_config(_resolve_config(args.config), args.set, args.seed)
@@ -45,16 +45,20 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _launch(args: argparse.Namespace, cfg, resume_dir: Path | None = None) -> int:  # noqa: ANN001 - a config
     """Run (or, with ``resume_dir``, continue) a population run; print and write its summary."""
-    from experiments.checkpoint import CheckpointError
-    from experiments.config import ConfigError
-    from experiments.runner import PopulationRun
-    from experiments.tracking import TrackingError, TrackingUnreachable, redact
-    from workers.data import DataError
-    from workers.pool import ClusterError
+    from forkpop.experiments.checkpoint import CheckpointError
+    from forkpop.experiments.config import ConfigError
+    from forkpop.experiments.runner import PopulationRun
+    from forkpop.experiments.specs import model_spec
+    from forkpop.experiments.tracking import TrackingError, TrackingUnreachable, redact
+    from forkpop.workers.data import DataError
+    from forkpop.workers.pool import ClusterError
+
+    from forkpop.plugins import PluginError
 
     if args.backend:
         cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"backend": args.backend})})
     try:
+        model_spec(cfg)  # the model family resolves (its module imports) before anything is recorded
         run = PopulationRun(
             cfg,
             tracking_uri=args.tracking_uri,
@@ -63,7 +67,7 @@ def _launch(args: argparse.Namespace, cfg, resume_dir: Path | None = None) -> in
             resume_dir=resume_dir,
             allow_unauthenticated_ray=args.allow_unauthenticated_ray,
         )
-    except ConfigError as e:
+    except (ConfigError, PluginError) as e:
         return _fail(str(e))
     try:
         run.load_data()  # data errors surface before anything starts or is recorded
@@ -75,7 +79,7 @@ def _launch(args: argparse.Namespace, cfg, resume_dir: Path | None = None) -> in
         if (run.run_dir / "run.json").is_file():
             return _fail(f"{e}; once it answers, `forkpop resume {run.run_dir}` continues the run")
         return _fail(f"{e}; nothing was recorded yet: run again once it answers")
-    except (DataError, CheckpointError, TrackingError, ClusterError) as e:
+    except (DataError, CheckpointError, TrackingError, ClusterError, PluginError) as e:
         return _fail(str(e))
     except KeyboardInterrupt:
         if resume_dir is not None:
@@ -93,7 +97,7 @@ def _launch(args: argparse.Namespace, cfg, resume_dir: Path | None = None) -> in
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
-    from experiments.config import ConfigError, load_config
+    from forkpop.experiments.config import ConfigError, load_config
 
     run_dir = Path(args.run)
     if not (run_dir / "run.json").is_file():
@@ -106,8 +110,8 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 
 def cmd_study(args: argparse.Namespace) -> int:
-    from experiments.config import ConfigError
-    from experiments.study import format_table, load_study, mode_configs, summarize, write
+    from forkpop.experiments.config import ConfigError
+    from forkpop.experiments.study import format_table, load_study, mode_configs, summarize, write
 
     path = Path(args.study)
     if not path.exists():
@@ -121,10 +125,12 @@ def cmd_study(args: argparse.Namespace) -> int:
     except (ConfigError, ValueError) as e:
         return _fail(str(e))
 
-    from experiments.analysis import compare
-    from experiments.runner import PopulationRun
-    from experiments.tracking import TrackingError
-    from workers.data import DataError
+    from forkpop.experiments.analysis import compare
+    from forkpop.experiments.runner import PopulationRun
+    from forkpop.experiments.tracking import TrackingError
+    from forkpop.workers.data import DataError
+
+    from forkpop.plugins import PluginError
 
     keys = study["report"]
     rows = []
@@ -143,10 +149,9 @@ def cmd_study(args: argparse.Namespace) -> int:
                 }
             )
             print(f"forkpop: study mode {name}, seed {seed}", file=sys.stderr)
-            run = PopulationRun(run_cfg, tracking_uri=uri, progress=not args.quiet)
             try:
-                s = run.run()
-            except (DataError, TrackingError) as e:
+                s = PopulationRun(run_cfg, tracking_uri=uri, progress=not args.quiet).run()
+            except (DataError, TrackingError, PluginError) as e:
                 return _fail(str(e))
             uri = s.tracking_uri
             last = s.history[-1]
@@ -178,7 +183,7 @@ def _store_uri(arg: str | None) -> str:
 
 def _with_store(fn):  # noqa: ANN001, ANN202 - a command that reads MLflow: one-line errors
     def wrapped(args: argparse.Namespace) -> int:
-        from experiments.analysis import AnalysisError
+        from forkpop.experiments.analysis import AnalysisError
 
         try:
             return fn(args, _store_uri(args.tracking_uri))
@@ -194,7 +199,7 @@ def _with_store(fn):  # noqa: ANN001, ANN202 - a command that reads MLflow: one-
 
 @_with_store
 def cmd_lineage(args: argparse.Namespace, uri: str) -> int:
-    from experiments.analysis import lineage_text, load_run, write_lineage
+    from forkpop.experiments.analysis import lineage_text, load_run, write_lineage
 
     data = load_run(args.run, uri, matrices=False)
     print(lineage_text(data.lineage, args.max_forks))
@@ -205,7 +210,7 @@ def cmd_lineage(args: argparse.Namespace, uri: str) -> int:
 
 @_with_store
 def cmd_analyze(args: argparse.Namespace, uri: str) -> int:
-    from experiments.analysis import analyze
+    from forkpop.experiments.analysis import analyze
 
     heat = [int(g) for g in args.generations.split(",")] if args.generations else None
     report = analyze(args.run, Path(args.out), uri, heat, progress=not args.quiet)
@@ -215,7 +220,7 @@ def cmd_analyze(args: argparse.Namespace, uri: str) -> int:
 
 @_with_store
 def cmd_compare(args: argparse.Namespace, uri: str) -> int:
-    from experiments.analysis import compare
+    from forkpop.experiments.analysis import compare
 
     files = compare(args.runs, Path(args.out), uri, progress=not args.quiet)
     print("forkpop: " + ", ".join(map(str, files)))

@@ -7,9 +7,8 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
 import yaml
+from forkpop.population.genome import Gene, GenomeSpec, default_genome_spec
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-
-from population.genome import Gene, GenomeSpec, default_genome_spec
 
 
 class ConfigError(ValueError):
@@ -111,8 +110,20 @@ class AuditConfig(_Strict):
 
 class DataConfig(_Strict):
     source: Literal["digits", "file"] = Field("digits", description="scikit-learn digits, or your own file.")
-    path: str | None = Field(None, description="An .npz (arrays x, y) or .csv (label column) file.")
-    label_column: int = Field(-1, description="Label column of a CSV file.")
+    path: str | None = Field(
+        None,
+        description="A .csv or .parquet table (a CSV's header row optional), an .npz with arrays x (N, F) or "
+        "(N, C, H, W) and y (N,), or an .npy of x with y beside it in <stem>_labels.npy (y.npy for x.npy).",
+    )
+    label_column: int = Field(
+        -1, description="Label column's index in a CSV without a header row (with one: used unless -1 or data.label)."
+    )
+    label: str | None = Field(
+        None, description="Label column's name in a file with a header; None: label, target, y or class, else the last."
+    )
+    standardize: bool | None = Field(
+        None, description="Standardize inputs with the training split's mean/std; None: on for files, off for digits."
+    )
     val_fraction: float = Field(0.05, gt=0, lt=1, description="Share of the non-test data held out for fitness.")
     partition: Literal["iid", "dirichlet", "shards"] = Field("dirichlet", description="How niches are cut.")
     n_niches: int | None = Field(None, ge=1, description="Number of niches; None: one per variant.")
@@ -126,8 +137,29 @@ class DataConfig(_Strict):
 
 
 class ModelConfig(_Strict):
-    family: Literal["mlp", "linear", "cnn"] = Field("mlp", description="Model family every variant shares.")
+    family: str = Field(
+        "mlp",
+        description="Model family every variant shares: mlp, linear, cnn, a registered name, an import path "
+        "'package.module:attr' or an entry point of group forkpop.models (resolved when the run starts).",
+    )
     hidden: list[int] = Field([128], description="Hidden widths (mlp) or channels (cnn).")
+    options: dict[str, Any] = Field(
+        default_factory=dict, description="Extra keyword arguments to the family's factory."
+    )
+
+    @field_validator("family")
+    @classmethod
+    def _known_family(cls, v: str) -> str:
+        from forkpop.population import models  # noqa: F401 - registers the built-in families
+
+        from forkpop import plugins
+
+        if not plugins.known("models", v):
+            offered = plugins.registered("models") + plugins.entry_point_names("models")
+            raise ValueError(
+                f"unknown model family {v!r}; use one of {sorted(set(offered))} or an import path 'package.module:attr'"
+            )
+        return v
 
     @field_validator("hidden")
     @classmethod
@@ -181,8 +213,10 @@ class PopulationConfig(_Strict):
 
 
 class SelectionConfig(_Strict):
-    method: Literal["best", "tournament", "nsga2"] = Field(
-        "best", description="DEAP selection of teachers; nsga2: NSGA-II over (fitness, novelty)."
+    method: str = Field(
+        "best",
+        description="The strategy choosing teachers: best, tournament, nsga2 (NSGA-II over fitness and "
+        "novelty), or a plug-in by registered name, import path package.module:attr or entry point.",
     )
     k: int | None = Field(
         None, ge=1, description="Teachers distilled into the next seed; None: every variant (nsga2: half)."
@@ -203,6 +237,11 @@ class SelectionConfig(_Strict):
     merge_species: bool = Field(
         True, description="With species: the last generation's teachers all distill one final seed."
     )
+
+    @field_validator("method")
+    @classmethod
+    def _strategy(cls, v: str) -> str:
+        return _plugin("strategies", v, "forkpop.selection.strategies")
 
 
 class GeneratedConfig(_Strict):
@@ -226,7 +265,27 @@ class GeneratedConfig(_Strict):
     )
 
 
+def _plugin(kind: str, name: str, builtins: str) -> str:
+    """``name`` if it resolves to a plug-in of ``kind`` (``builtins`` registers the built-in ones)."""
+    import importlib
+
+    from forkpop.plugins import PluginError, resolve
+
+    importlib.import_module(builtins)
+    try:
+        resolve(kind, name, "")
+    except PluginError as e:
+        text = str(e).replace(f"{kind}={name!r}", repr(name), 1)
+        raise ValueError(text.rsplit("; change ", 1)[0] + "; change it") from None
+    return name
+
+
 class DistillConfig(_Strict):
+    method: str = Field(
+        "kd",
+        description="The distiller: kd (knowledge distillation of the teachers' output distributions), "
+        "or a plug-in by registered name or import path package.module:attr.",
+    )
     init: Literal["previous", "best", "average", "data_average"] = Field(
         "data_average", description="Student's starting weights."
     )
@@ -254,6 +313,12 @@ class DistillConfig(_Strict):
         description="With species: share of each seed's soft targets from the other clusters' teachers.",
     )
     elitism: bool = Field(True, description="Keep the old seed when the student is worse on validation.")
+
+    @field_validator("method")
+    @classmethod
+    def _distiller(cls, v: str) -> str:
+        return _plugin("distillers", v, "forkpop.selection.distiller")
+
     generated: GeneratedConfig = Field(
         default_factory=GeneratedConfig, description="Generated, pseudo-labelled transfer data (model-collapse study)."
     )

@@ -9,8 +9,7 @@ from typing import Any
 
 import numpy as np
 import yaml
-
-from experiments.config import ConfigError, build_config, deep_merge, load_config
+from forkpop.experiments.config import ConfigError, build_config, deep_merge, load_config
 
 
 def load_study(path: Path) -> dict[str, Any]:

@@ -19,9 +19,9 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from population.genome import Genome
-from population.lineage import Lineage
-from population.variant import Origin, Variant
+from forkpop.population.genome import Genome
+from forkpop.population.lineage import Lineage
+from forkpop.population.variant import Origin, Variant
 
 PARENT_TAG = "forkpop.parent_ids"
 RUN_KEY_TAG = "forkpop.run_key"  # names a population run uniquely, so a retried create finds it
@@ -214,6 +214,42 @@ class Tracker:
             if self._unreachable:
                 raise TrackingUnreachable(e.splitlines()[0])
             raise TrackingError(f"MLflow at {redact('uri', self.uri)} failed: {e}".splitlines()[0])
+
+
+class NullTracker:
+    """A tracker that records nothing (``forkpop.run(..., tracking=False)``): the run
+    directory still gets its checkpoints and summary, MLflow gets no records."""
+
+    uri = ""
+    run_id = ""
+    cpu_seconds = 0.0
+
+    def start(self, run_name: str, tags: dict[str, str], params: dict[str, Any]) -> None:
+        pass
+
+    def attach(self, run_id: str, generation: int, last_metrics: dict[str, float] | None) -> None:
+        pass
+
+    def wait_started(self, timeout: float | None = None) -> str:
+        return ""
+
+    def log_variant(self, variant: Variant, metrics: dict[str, float], step_metrics=None, tags=None) -> None:  # noqa: ANN001
+        pass
+
+    def log_generation(self, generation: int, metrics: dict[str, float]) -> None:
+        pass
+
+    def log_text(self, text: str, name: str) -> None:
+        pass
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        pass
+
+    def flush(self, timeout: float | None = None) -> float:
+        return 0.0
+
+    def finish(self, status: str = "FINISHED", timeout: float | None = None) -> None:
+        pass
 
 
 def _writer_main(

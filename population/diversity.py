@@ -11,10 +11,9 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-
-from population.genome import GenomeSpec
-from population.lineage import Lineage
-from population.variant import Origin, Variant
+from forkpop.population.genome import GenomeSpec
+from forkpop.population.lineage import Lineage
+from forkpop.population.variant import Origin, Variant
 
 EPS = 1e-12
 

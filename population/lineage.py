@@ -6,7 +6,7 @@ import json
 from collections.abc import Iterator
 from typing import Any
 
-from population.variant import Variant
+from forkpop.population.variant import Variant
 
 
 class Lineage:

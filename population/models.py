@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
+
+from forkpop import plugins
 
 
 def mlp(in_dim: int, n_classes: int, hidden: Sequence[int] = (128,)) -> nn.Module:
@@ -26,36 +29,100 @@ def linear(in_dim: int, n_classes: int, hidden: Sequence[int] = ()) -> nn.Module
 
 
 class SmallCNN(nn.Module):
-    """Two conv layers for square single-channel images given flat: ``(batch, side*side)``."""
+    """Two conv layers for images given flat, ``(batch, C*H*W)``, viewed as ``input_shape``
+    ``(C, H, W)`` (``(H, W)``: one channel). Without one (or given a flat ``(in_dim,)``), the
+    images are taken as square and single-channel: ``(1, side, side)``."""
 
-    def __init__(self, in_dim: int, n_classes: int, hidden: Sequence[int] = (16, 32)) -> None:
+    def __init__(
+        self,
+        in_dim: int,
+        n_classes: int,
+        hidden: Sequence[int] = (16, 32),
+        input_shape: Sequence[int] | None = None,
+    ) -> None:
         super().__init__()
-        side = int(round(in_dim**0.5))
-        if side * side != in_dim:
-            raise ValueError(f"family cnn needs square images; {in_dim} inputs is not a square")
+        shape = tuple(int(s) for s in input_shape) if input_shape is not None else ()
+        if len(shape) == 2:
+            shape = (1, *shape)
+        if len(shape) == 3:
+            if int(np.prod(shape)) != in_dim:
+                raise ValueError(f"family cnn: input_shape {shape} holds {int(np.prod(shape))} values, not {in_dim}")
+        elif len(shape) <= 1:
+            side = int(round(in_dim**0.5))
+            if side * side != in_dim:
+                raise ValueError(
+                    f"family cnn needs images: {in_dim} inputs is not a square; give inputs shaped (N, C, H, W)"
+                )
+            shape = (1, side, side)
+        else:
+            raise ValueError(f"family cnn needs input_shape (C, H, W) or (H, W), not {shape}")
         c1, c2 = (tuple(hidden) + (16, 32))[:2]
-        self.side = side
+        self.input_shape = shape
         self.features = nn.Sequential(
-            nn.Conv2d(1, c1, 3, padding=1), nn.ReLU(), nn.Conv2d(c1, c2, 3, padding=1), nn.ReLU()
+            nn.Conv2d(shape[0], c1, 3, padding=1), nn.ReLU(), nn.Conv2d(c1, c2, 3, padding=1), nn.ReLU()
         )
         self.head = nn.Linear(c2, n_classes)
 
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """The pooled conv features of flat ``x``: ``(batch, c2)`` (the head's input)."""
+        return self.features(x.reshape(-1, *self.input_shape)).mean(dim=(2, 3))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.features(x.view(-1, 1, self.side, self.side))
-        return self.head(h.mean(dim=(2, 3)))
+        return self.head(self.embed(x))
 
 
-MODEL_FAMILIES: dict[str, Callable[..., nn.Module]] = {"mlp": mlp, "linear": linear, "cnn": SmallCNN}
+# The model registry of forkpop.plugins (a live dict: adding a name registers a family).
+MODEL_FAMILIES: dict[str, Callable[..., nn.Module]] = plugins.registry("models")
+MODEL_FAMILIES.update({"mlp": mlp, "linear": linear, "cnn": SmallCNN})
 
 
-def build_model(family: str, in_dim: int, n_classes: int, hidden: Sequence[int] = (128,), seed: int = 0) -> nn.Module:
-    """A freshly initialised model of ``family``; the same seed gives the same weights."""
-    if family not in MODEL_FAMILIES:
-        raise ValueError(f"unknown model family {family!r}; choose one of {sorted(MODEL_FAMILIES)}")
+def build_model(
+    family: str,
+    in_dim: int,
+    n_classes: int,
+    hidden: Sequence[int] = (128,),
+    seed: int = 0,
+    options: Mapping[str, Any] | None = None,
+    **kw: Any,
+) -> nn.Module:
+    """A freshly initialised model of ``family``; the same seed gives the same weights.
+
+    ``family`` is a registered name (``mlp``, ``linear``, ``cnn``, or one added with
+    ``forkpop.plugins.register("models", ...)``), an import path ``package.module:attr`` or an
+    entry point of group ``forkpop.models``. Its factory is called as
+    ``factory(in_dim, n_classes, hidden=hidden, **options)`` (``kw`` are more options); a
+    factory that takes no ``hidden`` is not given it. Errors are one-line
+    :class:`~forkpop.plugins.PluginError` naming ``model.family``.
+    """
+    factory = plugins.resolve("models", family, "model.family")
+    opts = {**(options or {}), **kw}
+    name = getattr(factory, "__qualname__", None) or type(factory).__name__
+    refused = sorted(k for k in opts if not plugins.accepts(factory, k))
+    if refused:
+        raise plugins.PluginError(
+            f"model.family={family!r}: {name} takes no keyword arguments {refused}; remove them from model.options"
+        )
+    if plugins.accepts(factory, "hidden") and "hidden" not in opts:
+        opts["hidden"] = tuple(hidden)
     # Initialise under a private generator so the global torch RNG is never consumed.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return MODEL_FAMILIES[family](in_dim, n_classes, hidden)
+        try:
+            model = plugins.call_with(factory, in_dim, n_classes, **opts)
+        except Exception as e:
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise plugins.PluginError(
+                f"model.family={family!r}: {name}({in_dim}, {n_classes}, ...) raised {type(e).__name__}"
+                + (f": {msg}" if msg else "")
+            ) from None
+    if not isinstance(model, nn.Module):
+        raise plugins.PluginError(
+            f"model.family={family!r}: {name} returned a {type(model).__name__}, not a torch.nn.Module; "
+            "return the model"
+        )
+    if next(model.parameters(), None) is None:
+        raise plugins.PluginError(f"model.family={family!r}: {name} returned a model without parameters")
+    return model
 
 
 def flat_weights(model: nn.Module) -> torch.Tensor:
@@ -90,7 +157,7 @@ def hidden(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if isinstance(model, nn.Sequential) and len(model) > 1:
         return model[:-1](x)
     if isinstance(model, SmallCNN):
-        return model.features(x.view(-1, 1, model.side, model.side)).mean(dim=(2, 3))
+        return model.embed(x)
     return x
 
 

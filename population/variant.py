@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-from population.genome import Genome
+from forkpop.population.genome import Genome
 
 
 class Origin(str, Enum):

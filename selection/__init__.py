@@ -1,8 +1,8 @@
 """Fitness-based selection (DEAP behind one adapter) and distillation of teachers into a seed."""
 
-from selection.aggregate import AGGREGATORS
-from selection.distill import INITS, accuracy_of, distill, ensemble_accuracy, student_init
-from selection.operators import (
+from forkpop.selection.aggregate import AGGREGATORS
+from forkpop.selection.distill import INITS, accuracy_of, distill, ensemble_accuracy, student_init
+from forkpop.selection.operators import (
     INHERIT,
     SELECTORS,
     crossover_genomes,

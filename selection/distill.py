@@ -6,11 +6,10 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+from forkpop.population.models import accuracy, flat_weights, load_flat_weights
+from forkpop.population.optim import AdamState, adam_step
+from forkpop.selection.aggregate import AGGREGATORS, class_precision
 from torch import nn
-
-from population.models import accuracy, flat_weights, load_flat_weights
-from population.optim import AdamState, adam_step
-from selection.aggregate import AGGREGATORS, class_precision
 
 INITS = ("previous", "best", "average", "data_average")
 

@@ -13,8 +13,7 @@ import random
 from collections.abc import Iterator, Sequence
 
 from deap import base, tools
-
-from population.genome import Genome, GenomeSpec
+from forkpop.population.genome import Genome, GenomeSpec
 
 SELECTORS = ("best", "tournament", "nsga2")
 INHERIT = ("crossover", "best", "choice")

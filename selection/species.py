@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
-
-from population.models import class_rates
+from forkpop.population.models import class_rates
 
 
 def cluster_by_function(distance: np.ndarray, n_species: int) -> list[list[int]]:

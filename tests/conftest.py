@@ -5,8 +5,7 @@ from __future__ import annotations
 import os
 
 import pytest
-
-from experiments.config import ExperimentConfig, build_config, deep_merge
+from forkpop.experiments.config import ExperimentConfig, build_config, deep_merge
 
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 

@@ -24,8 +24,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
-from experiments.tracking import lineage_from_mlflow
+from forkpop.experiments.tracking import lineage_from_mlflow
 
 pytestmark = pytest.mark.cluster
 
@@ -295,9 +294,8 @@ def cluster_run(cluster) -> dict:
 
 
 def test_a_run_spreads_over_both_nodes_and_its_whole_lineage_is_on_the_server(cluster, cluster_run):
+    from forkpop.population import Lineage, Origin
     from mlflow import MlflowClient
-
-    from population import Lineage, Origin
 
     nodes = {w["node"] for w in cluster_run["workers"]}
     assert nodes == {cluster.node_id("head"), cluster.node_id("node2")}  # one actor on each Ray node
@@ -394,9 +392,8 @@ def test_a_write_whose_answer_was_lost_is_not_made_twice(cluster, monkeypatch):
     from functools import partial
 
     import requests
+    from forkpop.experiments.tracking import RUN_KEY_TAG, _attempt, _Retry, _Writer
     from mlflow import MlflowClient
-
-    from experiments.tracking import RUN_KEY_TAG, _attempt, _Retry, _Writer
 
     monkeypatch.setenv("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     calls: dict[str, int] = {}
@@ -451,7 +448,7 @@ def test_a_write_whose_answer_was_lost_is_not_made_twice(cluster, monkeypatch):
 
 
 def test_retries_back_off_from_half_a_second_to_eight_and_stop_at_the_patience():
-    from experiments.tracking import TrackingUnreachable, _Retry
+    from forkpop.experiments.tracking import TrackingUnreachable, _Retry
 
     now, sleeps, tries = [0.0], [], []
 

@@ -3,8 +3,7 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from experiments.config import ConfigError, load_config
+from forkpop.experiments.config import ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = ROOT / "experiments" / "configs" / "digits.yaml"
@@ -61,7 +60,7 @@ def test_missing_and_malformed_files(tmp_path):
 
 def _forkpop(*args, cwd):
     return subprocess.run(
-        [sys.executable, "-m", "experiments.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=120
+        [sys.executable, "-m", "forkpop.experiments.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=120
     )
 
 
@@ -100,7 +99,7 @@ def test_cli_without_command_and_help(tmp_path):
 
 
 def test_bundled_config_by_name():
-    from experiments.cli import _resolve_config
+    from forkpop.experiments.cli import _resolve_config
 
     assert Path(_resolve_config("digits")) == DIGITS
     assert _resolve_config("my.yaml") == "my.yaml"
@@ -165,7 +164,7 @@ def test_more_bad_inputs_are_one_line_and_status_2(tmp_path, args, needle):
 
 
 def test_secrets_never_reach_the_record():
-    from experiments.tracking import redact
+    from forkpop.experiments.tracking import redact
 
     assert redact("tracking.uri", "http://alice:s3cret@mlflow.example:5000") == "http://***@mlflow.example:5000"
     assert redact("run.address", "ray://bob:pw@head:10001") == "ray://***@head:10001"
@@ -174,9 +173,9 @@ def test_secrets_never_reach_the_record():
 
 
 def test_secrets_in_the_config_are_not_written_to_mlflow(tmp_path):
+    from forkpop.experiments.runner import PopulationRun
     from mlflow import MlflowClient
 
-    from experiments.runner import PopulationRun
     from tests.conftest import tiny_config
 
     uri = f"sqlite:///{tmp_path}/m.db"
@@ -196,8 +195,8 @@ def test_secrets_in_the_config_are_not_written_to_mlflow(tmp_path):
 
 
 def test_an_unauthenticated_remote_ray_is_refused_unless_asked(monkeypatch):
-    from workers.pool import ClusterError
-    from workers.ray_pool import check_address
+    from forkpop.workers.pool import ClusterError
+    from forkpop.workers.ray_pool import check_address
 
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     with pytest.raises(ClusterError, match="--allow-unauthenticated-ray"):

@@ -175,7 +175,7 @@ def _forkpop_calls(text: str) -> list[tuple[str, list[str]]]:
 
 def _help(command: str) -> str:
     """``forkpop COMMAND --help``, from the CLI's own parser, in this process."""
-    from experiments.cli import main
+    from forkpop.experiments.cli import main
 
     out = io.StringIO()
     with mock.patch.dict(os.environ), contextlib.redirect_stdout(out), pytest.raises(SystemExit) as e:

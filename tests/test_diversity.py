@@ -5,9 +5,8 @@ import math
 import numpy as np
 import pytest
 import torch
-
-from population import Genome, Lineage, Origin, Variant, default_genome_spec
-from population.diversity import (
+from forkpop.population import Genome, Lineage, Origin, Variant, default_genome_spec
+from forkpop.population.diversity import (
     cka_matrix,
     disagreement_matrix,
     ensemble_ambiguity,

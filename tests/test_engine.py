@@ -3,12 +3,11 @@
 import numpy as np
 import pytest
 import torch
+from forkpop.population import build_model, flat_weights
+from forkpop.population.models import MODEL_FAMILIES
+from forkpop.workers import DataSpec, ForkTask, GroupLearner, LearnerSpec, ModelSpec
+from forkpop.workers.engine import BatchedEngine, plan_engine, resolve_device
 from torch import nn
-
-from population import build_model, flat_weights
-from population.models import MODEL_FAMILIES
-from workers import DataSpec, ForkTask, GroupLearner, LearnerSpec, ModelSpec
-from workers.engine import BatchedEngine, plan_engine, resolve_device
 
 DATA = DataSpec(n_niches=6, alpha=0.5)
 

@@ -7,8 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from experiments.config import ConfigError, contained, load_config
+from forkpop.experiments.config import ConfigError, contained, load_config
 
 pytestmark = pytest.mark.cluster
 
@@ -59,7 +58,7 @@ def test_contained_keeps_paths_in_root(relative, tmp_path):
 
 def test_cli_refuses_an_escaping_run_name_in_one_line(tmp_path):
     p = subprocess.run(
-        [sys.executable, "-m", "experiments.cli", "run", "digits", "--set", "run.name=../x"]
+        [sys.executable, "-m", "forkpop.experiments.cli", "run", "digits", "--set", "run.name=../x"]
         + ["--set", f"run.run_dir={tmp_path}/runs", "--backend", "local"],
         capture_output=True,
         text=True,

@@ -2,10 +2,10 @@
 
 import numpy as np
 import pytest
+from forkpop.experiments.runner import PopulationRun
+from forkpop.workers.data import DataError, DataSpec, load_data, trigger
 
-from experiments.runner import PopulationRun
 from tests.conftest import tiny_config
-from workers.data import DataError, DataSpec, load_data, trigger
 
 pytestmark = pytest.mark.poison
 
@@ -90,7 +90,7 @@ def test_the_run_knows_its_poisoned_variants_and_counts_poisoned_teachers(tmp_pa
 
 def _audit_case():
     """Three niches of 40 samples over 4 classes; the seed predicts the true class except where said."""
-    from workers.learner import AuditSpec, audit_labels
+    from forkpop.workers.learner import AuditSpec, audit_labels
 
     rng = np.random.default_rng(0)
     truth = rng.integers(0, 4, 120)
@@ -182,7 +182,7 @@ def test_generated_transfer_data_never_outweighs_the_configured_real_share(tmp_p
 
 
 def test_peers_screen_a_variant_whose_niche_labels_they_contradict():
-    from selection.species import peer_label_screen
+    from forkpop.selection.species import peer_label_screen
 
     rng = np.random.default_rng(1)
     y_true = rng.integers(0, 4, 100)

@@ -3,8 +3,7 @@ import math
 import numpy as np
 import pytest
 import torch
-
-from population import (
+from forkpop.population import (
     Gene,
     GenomeSpec,
     Lineage,
@@ -99,7 +98,7 @@ def test_model_families_build_deterministically(family):
 
 
 def test_unknown_family_names_the_choices():
-    with pytest.raises(ValueError, match="unknown model family 'resnet'"):
+    with pytest.raises(ValueError, match="model.family=.resnet. is neither one of"):
         build_model("resnet", 64, 10)
 
 
@@ -121,7 +120,7 @@ def test_fork_noise_is_seeded_and_relative():
 
 @pytest.mark.parametrize("momentum, wd", [(0.0, 0.0), (0.9, 0.0), (0.8, 1e-3)])
 def test_sgd_step_matches_torch_sgd(momentum, wd):
-    from population.optim import sgd_step
+    from forkpop.population.optim import sgd_step
 
     a, b = build_model("mlp", 6, 3, (8,), seed=0), build_model("mlp", 6, 3, (8,), seed=0)
     opt = torch.optim.SGD(b.parameters(), lr=0.1, momentum=momentum, weight_decay=wd)
@@ -138,7 +137,7 @@ def test_sgd_step_matches_torch_sgd(momentum, wd):
 
 
 def test_adam_step_matches_torch_adam():
-    from population.optim import AdamState, adam_step
+    from forkpop.population.optim import AdamState, adam_step
 
     a, b = build_model("mlp", 6, 3, (8,), seed=0), build_model("mlp", 6, 3, (8,), seed=0)
     opt = torch.optim.Adam(b.parameters(), lr=1e-2)

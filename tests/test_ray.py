@@ -1,9 +1,9 @@
 """End to end on a real local Ray: actors host the variants, results equal the local backend."""
 
 import pytest
+from forkpop.experiments.runner import PopulationRun
+from forkpop.experiments.tracking import lineage_from_mlflow
 
-from experiments.runner import PopulationRun
-from experiments.tracking import lineage_from_mlflow
 from tests.conftest import tiny_config
 
 pytestmark = pytest.mark.ray
@@ -25,10 +25,9 @@ def test_ray_run_matches_local_and_lineage_is_in_mlflow(tmp_path, ray_session):
 
 def test_ray_pool_places_groups_on_actors(ray_session):
     import torch
-
-    from population import build_model, flat_weights
-    from workers import DataSpec, ForkTask, LearnerSpec, ModelSpec
-    from workers.ray_pool import RayPool
+    from forkpop.population import build_model, flat_weights
+    from forkpop.workers import DataSpec, ForkTask, LearnerSpec, ModelSpec
+    from forkpop.workers.ray_pool import RayPool
 
     pool = RayPool(LearnerSpec(DataSpec(n_niches=4), ModelSpec("mlp", (16,)), 16), n_workers=2)
     try:
@@ -45,10 +44,10 @@ def test_ray_pool_places_groups_on_actors(ray_session):
 
 
 def test_actors_learn_as_batched_groups_sized_from_resources(ray_session):
-    from population import build_model, flat_weights
-    from workers import DataSpec, ForkTask, LearnerSpec, ModelSpec
-    from workers.pool import VARIANTS_PER_CPU_WORKER
-    from workers.ray_pool import RayPool
+    from forkpop.population import build_model, flat_weights
+    from forkpop.workers import DataSpec, ForkTask, LearnerSpec, ModelSpec
+    from forkpop.workers.pool import VARIANTS_PER_CPU_WORKER
+    from forkpop.workers.ray_pool import RayPool
 
     spec = LearnerSpec(DataSpec(n_niches=4), ModelSpec("mlp", (16,)), 16)
     w0 = flat_weights(build_model("mlp", 64, 10, (16,)))
@@ -97,8 +96,7 @@ def _chaos_submit(monkeypatch, victims):
     import signal
 
     import ray
-
-    from workers.ray_pool import RayPool
+    from forkpop.workers.ray_pool import RayPool
 
     orig = RayPool.submit
     rng = random.Random(0)

@@ -10,10 +10,10 @@ import time
 from pathlib import Path
 
 import pytest
+from forkpop.experiments.config import config_to_yaml
+from forkpop.experiments.runner import PopulationRun
+from forkpop.experiments.tracking import lineage_from_mlflow
 
-from experiments.config import config_to_yaml
-from experiments.runner import PopulationRun
-from experiments.tracking import lineage_from_mlflow
 from tests.conftest import tiny_config
 
 pytestmark = pytest.mark.resume
@@ -36,7 +36,7 @@ def _parent_metrics(uri, run_id):
 
 
 def _cli(*args, cwd):
-    return [sys.executable, "-m", "experiments.cli", *args]
+    return [sys.executable, "-m", "forkpop.experiments.cli", *args]
 
 
 def test_a_sigkilled_run_resumes_to_the_same_lineage_and_metrics(tmp_path):

@@ -4,11 +4,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from forkpop.experiments.checkpoint import CheckpointError, read_checkpoint
+from forkpop.experiments.runner import PopulationRun
+from forkpop.experiments.tracking import lineage_from_mlflow
+from forkpop.population import Origin
 
-from experiments.checkpoint import CheckpointError, read_checkpoint
-from experiments.runner import PopulationRun
-from experiments.tracking import lineage_from_mlflow
-from population import Origin
 from tests.conftest import tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -83,7 +83,7 @@ def test_same_seed_same_run_other_seed_other_run(tmp_path):
 
 def test_cli_smoke_writes_the_summary(tmp_path):
     out = tmp_path / "s.json"
-    cmd = [sys.executable, "-m", "experiments.cli", "run", str(ROOT / "experiments/configs/digits.yaml")]
+    cmd = [sys.executable, "-m", "forkpop.experiments.cli", "run", str(ROOT / "experiments/configs/digits.yaml")]
     cmd += ["--backend", "local", "--set", "run.generations=1", "--set", "population.size=4", "--set", "selection.k=2"]
     cmd += ["--set", f"run.run_dir={tmp_path}/runs", "--tracking-uri", f"sqlite:///{tmp_path}/m.db"]
     cmd += ["--summary", str(out), "--quiet"]
@@ -131,7 +131,7 @@ def test_species_and_novelty_runs_keep_their_lineage_in_mlflow(tmp_path, trackin
 def test_lineage_analyze_and_compare_commands_read_mlflow_alone(tmp_path, tracking_uri):
     run, s = _run(tmp_path, tracking_uri)
     _, s2 = _run(tmp_path / "b", tracking_uri, run={"seed": 1})
-    base = [sys.executable, "-m", "experiments.cli"]
+    base = [sys.executable, "-m", "forkpop.experiments.cli"]
     env_uri = ["--tracking-uri", tracking_uri]
 
     def cli(*args):
@@ -162,7 +162,7 @@ def test_a_study_runs_its_modes_and_bad_studies_say_why(tmp_path):
         "modes:\n  plain: {}\n  species: {selection: {species: 2}}\n"
         "report: [seed_test_accuracy, div.disagreement, div.species]\n"
     )
-    base = [sys.executable, "-m", "experiments.cli", "study", str(study), "--backend", "local", "--quiet"]
+    base = [sys.executable, "-m", "forkpop.experiments.cli", "study", str(study), "--backend", "local", "--quiet"]
     small = ["--set", "run.generations=2", "--set", "population.size=4", "--set", "data.n_niches=4"]
     small += ["--set", f"run.run_dir={tmp_path}/runs", "--set", "selection.merge_species=false"]
     p = subprocess.run(
@@ -205,17 +205,16 @@ def test_a_diverging_variant_is_culled_recorded_and_never_a_teacher(tmp_path, tr
 
 @pytest.mark.chaos
 def test_the_collapse_alarm_reads_falling_accuracy_and_entropy(tmp_path):
-    from experiments.runner import GenerationRecord
-
-    run = PopulationRun(tiny_config(tmp_path, tracking={"collapse_window": 2}), progress=False)
+    from forkpop.experiments.observers import GenerationRecord, collapse
 
     def rec(val, ent):
         return GenerationRecord(0, "s", val, 0, 0, 0, 0, 0, 0, False, 0, [], seed_entropy=ent)
 
     falling = [rec(0.9, 1.0), rec(0.8, 0.7)]
-    assert run._collapse(falling, 0.7, 0.5)  # both fell twice in a row
-    assert not run._collapse(falling, 0.7, 0.9)  # entropy rose
-    assert not run._collapse(falling, 0.85, 0.5)  # accuracy rose
-    assert not run._collapse(falling[:1], 0.7, 0.5)  # too short a history
+    assert collapse(falling, 0.7, 0.5, 2)  # both fell twice in a row
+    assert not collapse(falling, 0.7, 0.9, 2)  # entropy rose
+    assert not collapse(falling, 0.85, 0.5, 2)  # accuracy rose
+    assert not collapse(falling[:1], 0.7, 0.5, 2)  # too short a history
+    assert not collapse(falling, 0.7, 0.5, 0)  # off
     _, s = _run(tmp_path / "r", f"sqlite:///{tmp_path}/r.db")
     assert all(h["seed_entropy"] > 0 for h in s.history) and not any(h["collapse_alarm"] for h in s.history)

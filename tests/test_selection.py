@@ -2,9 +2,8 @@ import random
 
 import pytest
 import torch
-
-from population import build_model, default_genome_spec, flat_weights
-from selection import (
+from forkpop.population import build_model, default_genome_spec, flat_weights
+from forkpop.selection import (
     AGGREGATORS,
     accuracy_of,
     crossover_genomes,
@@ -14,7 +13,7 @@ from selection import (
     select,
     student_init,
 )
-from selection.aggregate import class_precision, class_reliability
+from forkpop.selection.aggregate import class_precision, class_reliability
 
 
 def test_best_k_picks_the_fittest_best_first():
@@ -110,7 +109,7 @@ def test_distillation_makes_the_student_agree_with_its_teacher():
 
 
 def test_nsga2_keeps_the_pareto_front_of_fitness_and_novelty():
-    from selection import select
+    from forkpop.selection import select
 
     fit = [0.9, 0.8, 0.7, 0.6, float("nan"), 0.85]
     nov = [0.1, 0.5, 0.9, 0.2, 1.0, 0.05]
@@ -125,8 +124,7 @@ def test_nsga2_keeps_the_pareto_front_of_fitness_and_novelty():
 
 def test_teachers_cluster_by_function_and_keep_their_slots():
     import numpy as np
-
-    from selection.species import assign_slots, cluster_by_function
+    from forkpop.selection.species import assign_slots, cluster_by_function
 
     # Two tight groups {0, 1, 2} and {3, 4}, far apart.
     pts = np.array([0.0, 0.1, 0.2, 5.0, 5.1])

@@ -3,9 +3,8 @@
 import math
 
 import pytest
-
-from experiments.tracking import Tracker, TrackingError, _Writer
-from population import Genome, Origin, Variant
+from forkpop.experiments.tracking import Tracker, TrackingError, _Writer
+from forkpop.population import Genome, Origin, Variant
 
 VARIANTS = [
     (

@@ -1,11 +1,8 @@
 import numpy as np
 import pytest
 import torch
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
-
-from population import build_model, flat_weights
-from workers import (
+from forkpop.population import build_model, flat_weights
+from forkpop.workers import (
     DataError,
     DataSpec,
     ForkTask,
@@ -16,6 +13,8 @@ from workers import (
     partition,
     stream_batches,
 )
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
 
 
 def _labels(n=600, k=10, seed=0):
@@ -144,7 +143,7 @@ def test_a_diverging_variant_is_stopped_and_says_why():
 
 
 def test_split_tasks_balances_cost_and_keeps_every_task_once():
-    from workers.learner import split_tasks
+    from forkpop.workers.learner import split_tasks
 
     costs = [100, 1, 1, 1, 50, 50, 2, 2]
     tasks = [ForkTask(f"v{i}", i, {}, i, c) for i, c in enumerate(costs)]
@@ -157,7 +156,7 @@ def test_split_tasks_balances_cost_and_keeps_every_task_once():
 
 
 def test_digits_read_from_the_shipped_file_equal_load_digits():
-    from workers.data import _load_digits
+    from forkpop.workers.data import _load_digits
 
     x, y = _load_digits()
     d = load_digits()
@@ -165,7 +164,7 @@ def test_digits_read_from_the_shipped_file_equal_load_digits():
 
 
 def test_a_given_plan_rebuilds_the_same_bundle():
-    from workers.data import _BUNDLES
+    from forkpop.workers.data import _BUNDLES
 
     spec = DataSpec(n_niches=5, alpha=1.0, seed=3)
     a = load_data(spec)
@@ -178,7 +177,7 @@ def test_a_given_plan_rebuilds_the_same_bundle():
 
 
 def test_results_pack_into_flat_arrays_and_back():
-    from workers.learner import LearnResult, pack_results, unpack_results
+    from forkpop.workers.learner import LearnResult, pack_results, unpack_results
 
     rs = [
         LearnResult("a", 0.5, [1.0, 0.5], [0.0, 0.5], [2], 32, 0.1),
@@ -193,7 +192,7 @@ def test_results_pack_into_flat_arrays_and_back():
 
 
 def test_workers_are_planned_from_the_clusters_resources():
-    from workers.pool import plan_workers
+    from forkpop.workers.pool import plan_workers
 
     spec = LearnerSpec(DataSpec(n_niches=4))
     assert plan_workers({"CPU": 8}, spec, n_variants=16) == (1, {"num_cpus": 1.0})

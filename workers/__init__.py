@@ -1,9 +1,9 @@
 """Data, niches and the online learners, hosted in-process or on Ray actors."""
 
-from workers.data import DataBundle, DataError, DataSpec, load_data
-from workers.learner import ForkTask, GroupLearner, LearnerSpec, LearnResult, ModelSpec
-from workers.niches import partition, stream_batches
-from workers.pool import BACKENDS, LocalPool, Pool, make_pool
+from forkpop.workers.data import DataBundle, DataError, DataSpec, load_data
+from forkpop.workers.learner import ForkTask, GroupLearner, LearnerSpec, LearnResult, ModelSpec
+from forkpop.workers.niches import partition, stream_batches
+from forkpop.workers.pool import BACKENDS, LocalPool, Pool, make_pool
 
 __all__ = [
     "BACKENDS",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -9,19 +10,43 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.nn.functional as F
+from forkpop.population.forking import perturb_weights
+from forkpop.population.models import accuracy, build_model, class_rates, flat_weights, load_flat_weights, predict_many
+from forkpop.population.optim import sgd_step
+from forkpop.workers.data import DataBundle, DataSpec, SplitPlan, load_data
+from forkpop.workers.engine import ENGINES, EXPLODED, BatchedEngine, EnginePlan, plan_engine, resolve_device
+from forkpop.workers.niches import stream_batches
 
-from population.forking import perturb_weights
-from population.models import accuracy, build_model, class_rates, flat_weights, load_flat_weights, predict_many
-from population.optim import sgd_step
-from workers.data import DataBundle, DataSpec, SplitPlan, load_data
-from workers.engine import ENGINES, EXPLODED, BatchedEngine, EnginePlan, plan_engine, resolve_device
-from workers.niches import stream_batches
+from forkpop.plugins import add_import_roots
 
 
 @dataclass(frozen=True)
 class ModelSpec:
+    """The model every variant shares: ``family`` (a name or import path, see
+    :func:`population.models.build_model`), ``hidden``, the factory's extra keyword arguments
+    ``options`` (JSON, so the spec stays hashable; a dict is accepted) and the folders an
+    import path needs on ``sys.path`` in a worker (``forkpop.plugins.import_roots``)."""
+
     family: str = "mlp"
     hidden: tuple[int, ...] = (128,)
+    options: str = "{}"
+    import_roots: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.options, str):
+            object.__setattr__(self, "options", json.dumps(dict(self.options), sort_keys=True))
+        object.__setattr__(self, "hidden", tuple(self.hidden))
+        object.__setattr__(self, "import_roots", tuple(self.import_roots))
+
+    @property
+    def kwargs(self) -> dict:
+        """``options`` as keyword arguments."""
+        return json.loads(self.options)
+
+    def build(self, in_dim: int, n_classes: int, seed: int = 0) -> torch.nn.Module:
+        """A freshly initialised model of this spec (importable here once its roots are added)."""
+        add_import_roots(self.import_roots)
+        return build_model(self.family, in_dim, n_classes, self.hidden, seed, options=self.kwargs)
 
 
 @dataclass(frozen=True)
@@ -187,7 +212,7 @@ class GroupLearner:
         torch.set_num_threads(spec.torch_threads)
         self.data: DataBundle = load_data(spec.data, spec.plan)
         self.batch_size = spec.batch_size
-        self.model = build_model(spec.model.family, self.data.n_features, self.data.n_classes, spec.model.hidden)
+        self.model = spec.model.build(self.data.n_features, self.data.n_classes)  # adds its import roots
         self.x_pool = torch.from_numpy(self.data.x_pool)
         self.y_pool = torch.from_numpy(self.data.y_pool)
         self.x_val = torch.from_numpy(self.data.x_val)

@@ -7,8 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
-
-from workers.learner import ForkTask, GroupLearner, LearnerSpec, LearnResult
+from forkpop.workers.learner import ForkTask, GroupLearner, LearnerSpec, LearnResult
 
 
 class ClusterError(ValueError):
@@ -150,7 +149,7 @@ def make_pool(
         return LocalPool(spec)
     if backend == "ray":
         try:
-            from workers.ray_pool import RayPool
+            from forkpop.workers.ray_pool import RayPool
         except ImportError as e:  # pragma: no cover - ray is a declared dependency
             raise RuntimeError(f"backend 'ray' needs Ray ({e}); pip install 'ray' or use run.backend=local") from None
         return RayPool(spec, n_workers, cpus_per_worker, n_variants=n_variants, retries=retries)

@@ -10,9 +10,16 @@ from pathlib import Path
 import numpy as np
 import ray
 import torch
-
-from workers.learner import ForkTask, GroupLearner, LearnerSpec, LearnResult, pack_results, split_tasks, unpack_results
-from workers.pool import ClusterError, PoolStats, peak_rss_bytes, plan_workers
+from forkpop.workers.learner import (
+    ForkTask,
+    GroupLearner,
+    LearnerSpec,
+    LearnResult,
+    pack_results,
+    split_tasks,
+    unpack_results,
+)
+from forkpop.workers.pool import ClusterError, PoolStats, peak_rss_bytes, plan_workers
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
 
@@ -112,6 +119,8 @@ class RayPool:
     and its results as a few flat arrays. On a cluster of several nodes the actors are
     spread over the nodes (Ray would otherwise fill the driver's node first).
     """
+
+    remote = True  # learning happens in other processes: its wall time beyond compute is overhead
 
     def __init__(
         self,

@@ -1,0 +1,184 @@
+"""The generation core: fork → learn online → screen → select → distill → accept, repeated."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from forkpop.population.lineage import Lineage
+from forkpop.population.state import Evaluations, ForkPlan, RunState, Seed
+from forkpop.population.variant import Origin, Variant
+from forkpop.population.world import World
+from forkpop.selection.distiller import Distiller, Student
+from forkpop.selection.strategies import Strategy, TeacherGroup
+from forkpop.workers.learner import ForkTask
+from forkpop.workers.pool import Pool
+
+Screen = Callable[[Evaluations], set[int]]
+
+
+@dataclass
+class GenerationResult:
+    """Everything generation ``generation`` produced: handed, as one value, to each observer.
+
+    ``before`` is the state the generation started from and ``state`` the one it left;
+    ``screened[name]`` the variants each screen kept from teaching; ``accepted[j]`` whether
+    ``students[j]`` replaced a seed. ``history`` holds the records of earlier generations.
+    """
+
+    generation: int
+    before: RunState
+    state: RunState
+    plan: ForkPlan
+    evals: Evaluations
+    screened: dict[str, set[int]]
+    groups: list[TeacherGroup]
+    students: list[Student]
+    accepted: list[bool]
+    seconds: dict[str, float]
+    rng_state: dict
+    started: float
+    history: tuple[Any, ...] = ()
+    figures: dict[str, Any] = field(default_factory=dict)  # what the observers measured (their ``measure``)
+    model: torch.nn.Module | None = field(default=None, repr=False)
+
+    @property
+    def teacher_ids(self) -> list[int]:
+        return list(self.groups[0].teachers) if self.groups else []
+
+
+def start(world: World, run_seed: int, genome: Any, n_species: int = 1) -> RunState:
+    """The root seed of a run (weights from ``default_rng([run_seed, 2**31])``), one copy per
+    species slot: all slots start from it and part ways at the first distillation."""
+    init_rng = np.random.default_rng([run_seed, 2**31])
+    model = world.build_model(int(init_rng.integers(0, 2**62)))
+    weights = torch.nn.utils.parameters_to_vector(model.parameters()).detach().clone()
+    root = Variant("g00-seed", genome, 0, Origin.SEED)
+    lineage = Lineage()
+    lineage.add(root)
+    seed = Seed(root, weights, world.fitness(world.build_model(), weights))
+    return RunState(run_seed, (seed,) * n_species, lineage)
+
+
+def evolve(
+    state: RunState,
+    generations: int,
+    *,
+    world: World,
+    strategy: Strategy,
+    pool: Pool,
+    screens: Mapping[str, Screen],
+    distiller: Distiller,
+    elitism: bool,
+    report: Callable[[GenerationResult, float | None], None],
+) -> RunState:
+    """Run generations ``state.generation .. generations - 1``; returns the last state.
+
+    ``report(result, t_next)`` (the observers) runs for generation g while the workers learn
+    generation g + 1 (``t_next``: when that one started), and after the last one (None).
+    """
+    model = world.build_model()  # the template every weight vector is loaded into
+    pending: GenerationResult | None = None
+    try:
+        for g in range(state.generation, generations):
+            clock, rng = _Clock(), state.rng()
+            plan = strategy.ask(state, rng)
+            clock.lap("plan")
+            handle = submit(pool, world, state, plan)
+            if pending is not None:
+                done, pending = pending, None
+                report(done, clock.started)
+            evals = collect(pool, handle, plan, world, model, clock)
+            screened = {name: screen(evals) for name, screen in screens.items()}
+            groups = strategy.tell(state, evals, set().union(*screened.values()), rng)
+            clock.lap("select")
+            students = [distiller(world, model, state, grp, evals, rng) for grp in groups]
+            after, accepted = accept(state, evals, groups, students, elitism)
+            clock.lap("distill")
+            pending = GenerationResult(
+                g, state, after, plan, evals, screened, groups, students, accepted, clock.secs,
+                rng.bit_generator.state, clock.started, model=model,
+            )  # fmt: skip
+            state = after
+    finally:  # the last report, or the one an interruption left pending
+        if pending is not None:
+            report(pending, None)
+    return state
+
+
+def submit(pool: Pool, world: World, state: RunState, plan: ForkPlan) -> tuple[Any, torch.Tensor]:
+    """Hand the plan to the workers: each variant forks its slot's seed and learns its niche."""
+    tasks = [
+        ForkTask(v.id, v.niche, v.genome.as_dict(), noise, world.niche_size(v.niche) * v.genome.get("epochs", 1.0), s)
+        for v, s, noise in zip(plan.variants, plan.slots, plan.noise_seeds, strict=True)
+    ]
+    seeds = state.seed_stack()
+    return pool.submit(seeds[0] if state.n_species == 1 else seeds, tasks), seeds
+
+
+def collect(
+    pool: Pool, handle: tuple[Any, torch.Tensor], plan: ForkPlan, world: World, model: torch.nn.Module, clock: _Clock
+) -> Evaluations:
+    """The learned variants: weights, the workers' records and probe fitness (NaN: diverged)."""
+    weights, results = pool.collect(handle[0])
+    clock.lap("learn")
+    compute = pool.stats.compute_seconds
+    clock.secs["learn_compute"] = compute
+    clock.secs["ray_overhead"] = max(0.0, clock.secs["learn"] - compute) if getattr(pool, "remote", False) else 0.0
+    fitness = [r.val_accuracy if r.status == "ok" else float("nan") for r in results]
+    splits: dict[str, bool] = {"probe": True}  # with hidden representations (diversity)
+
+    def predict(w: torch.Tensor, split: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        return world.predict(model, w, world.inputs(split), with_hidden=splits.get(split, False))
+
+    return Evaluations(plan, weights, results, fitness, handle[1], predict)
+
+
+def accept(
+    state: RunState, evals: Evaluations, groups: list[TeacherGroup], students: list[Student], elitism: bool
+) -> tuple[RunState, list[bool]]:
+    """The next state: forks and students join the lineage; a student replaces its slot's
+    seed unless elitism keeps a seed at least as fit (a merged student competes with the best
+    seed and takes every slot)."""
+    lineage = Lineage.from_dict(state.lineage.to_dict())
+    for v in evals.variants:
+        lineage.add(v)
+    seeds, generated, accepted = list(state.seeds), dict(state.generated), []
+    for st in students:
+        lineage.add(st.variant)
+        if st.pool is not None:
+            generated[st.slot] = st.pool
+        rival = max(s.val for s in seeds) if st.merge else seeds[st.slot].val
+        ok = not elitism or st.val >= rival
+        if ok and st.merge:
+            seeds = [Seed(st.variant, st.weights, st.val)] * len(seeds)
+        elif ok:
+            seeds[st.slot] = Seed(st.variant, st.weights, st.val)
+        accepted.append(ok)
+    teachers = evals.weights[list(groups[0].teachers)] if groups else state.teachers
+    nxt = state.evolve(
+        seeds=tuple(seeds), lineage=lineage, generation=state.generation + 1, generated=generated, teachers=teachers
+    )
+    return nxt, accepted
+
+
+class _Clock:
+    """Seconds per phase of one generation."""
+
+    def __init__(self) -> None:
+        self.started = self._t = time.perf_counter()
+        self.secs: dict[str, float] = {}
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.secs[name] = now - self._t
+        self._t = now
+
+
+def finite(values: list[float]) -> list[float]:
+    return [v for v in values if math.isfinite(v)]

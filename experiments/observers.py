@@ -1,0 +1,360 @@
+"""Observers: what happens to a generation's result — test figures, diversity, the collapse
+alarm, backdoor probes, MLflow records, checkpoints, the progress bar.
+
+The runner hands each observer the same :class:`~forkpop.experiments.core.GenerationResult`.
+``measure`` returns figures that join the generation's :class:`GenerationRecord` (probes);
+``on_generation`` records the result with that record; ``on_record`` runs once the
+generation is complete (its checkpoint written), with its timings.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from forkpop.experiments.checkpoint import write_checkpoint, write_seconds
+from forkpop.experiments.core import GenerationResult
+from forkpop.population.diversity import (
+    disagreement_matrix,
+    functional_diversity,
+    genotype_spread,
+    lineage_stats,
+    representation_similarity,
+    weight_distances,
+)
+from forkpop.population.genome import Genome, GenomeSpec
+from forkpop.selection import ensemble_accuracy
+from forkpop.workers.classification import ClassificationWorld
+
+
+@dataclass
+class GenerationRecord:
+    """Per-generation figures; these are also the parent run's metrics at step ``generation``."""
+
+    generation: int
+    seed_id: str
+    seed_val_accuracy: float
+    seed_test_accuracy: float
+    best_fitness: float
+    mean_fitness: float
+    best_individual_test_accuracy: float
+    ensemble_test_accuracy: float
+    student_val_accuracy: float
+    student_accepted: bool
+    diverged: int
+    teachers: list[str]
+    seed_entropy: float = float("nan")  # mean prediction entropy of the seed on the validation split (nats)
+    collapse_alarm: bool = False  # validation accuracy and entropy both fell over the last generations
+    poisoned_teachers: int = 0  # teachers that learned on a poisoned niche
+    backdoor_success: float = float("nan")  # share of triggered test inputs the seed sends to the target
+    audited_variants: int = 0  # variants whose niche labels the label audit changed
+    label_screened: int = 0  # variants kept from teaching because their peers contradict their niche's labels
+    unaudited_poisoned_teachers: int = 0  # poisoned teachers that learned labels the audit left as they were
+    transfer_real_fraction: float = 1.0  # lowest share of real inputs in a distillation's transfer set
+    transfer_generated: int = 0  # generated, pseudo-labelled inputs in the transfer sets
+    seconds: dict[str, float] = field(default_factory=dict)
+    diversity: dict[str, float] = field(default_factory=dict)  # see population.diversity
+
+    def metrics(self) -> dict[str, float]:
+        m = {
+            k: float(v)
+            for k, v in asdict(self).items()
+            if isinstance(v, (int, float, bool)) and k not in ("generation",) and math.isfinite(float(v))
+        }
+        m.update({f"time_{k}": v for k, v in self.seconds.items()})
+        m.update({f"div.{k}": v for k, v in self.diversity.items() if math.isfinite(v)})
+        return m
+
+    @classmethod
+    def of(cls, r: GenerationResult, figures: dict[str, Any], poisoned: tuple[int, ...]) -> GenerationRecord:
+        """The record of ``r``: the core's figures and the probes' ``figures``."""
+        state, ev = r.state, r.evals
+        seed = state.seeds[state.best_slot()]
+        ok = [f for f in ev.fitness if math.isfinite(f)]
+        teachers = r.teacher_ids
+        screened = r.screened.get("peer_labels", set())
+        return cls(
+            generation=r.generation,
+            seed_id=seed.variant.id,
+            seed_val_accuracy=seed.val,
+            seed_test_accuracy=figures.get("seed_test_accuracy", float("nan")),
+            best_fitness=max(ok, default=float("nan")),
+            mean_fitness=float(np.mean(ok)) if ok else float("nan"),
+            best_individual_test_accuracy=figures.get("best_individual_test_accuracy", float("nan")),
+            ensemble_test_accuracy=figures.get("ensemble_test_accuracy", float("nan")),
+            student_val_accuracy=max((st.val for st in r.students), default=float("nan")),
+            student_accepted=any(r.accepted),
+            diverged=len(ev) - len(ok),
+            teachers=sorted(ev.variants[i].id for i in teachers),
+            poisoned_teachers=int(sum(ev.variants[i].niche in poisoned for i in teachers)),
+            audited_variants=sum(bool(getattr(x, "audit", "")) for x in ev.results),
+            label_screened=len(screened),
+            unaudited_poisoned_teachers=sum(
+                ev.variants[i].niche in poisoned and not getattr(ev.results[i], "audit", "") for i in teachers
+            ),
+            transfer_real_fraction=min((st.real_fraction for st in r.students), default=1.0),
+            transfer_generated=sum(st.generated for st in r.students),
+            seed_entropy=figures.get("seed_entropy", float("nan")),
+            collapse_alarm=bool(figures.get("collapse_alarm", False)),
+            backdoor_success=figures.get("backdoor_success", float("nan")),
+            diversity=figures.get("diversity", {}),
+        )
+
+
+class Observer:
+    """Receives every generation's result (see the module docstring). ``name`` keys its time."""
+
+    name = "observer"
+
+    def measure(self, result: GenerationResult) -> dict[str, Any]:
+        return {}
+
+    def on_generation(self, result: GenerationResult, record: GenerationRecord) -> None:
+        pass
+
+    def on_record(self, result: GenerationResult, record: GenerationRecord) -> None:
+        pass
+
+
+class TestReport(Observer):
+    """Test-split figures (reported only, never used for a decision): the best seed, each
+    student, the best teacher and the teachers' ensemble."""
+
+    name = "evaluate"
+
+    def __init__(self, world: ClassificationWorld):
+        self.world = world
+
+    def measure(self, r: GenerationResult) -> dict[str, Any]:
+        model, w = r.model, self.world
+        out: dict[str, Any] = {"student_test": [w.fitness(model, st.weights, "test") for st in r.students]}
+        if r.teacher_ids:
+            tw = r.evals.weights[r.teacher_ids]
+            out["best_individual_test_accuracy"] = w.fitness(model, tw[0], "test")
+            out["ensemble_test_accuracy"] = ensemble_accuracy(model, tw, w.inputs("test"), w.labels("test"))
+        seed = r.state.seeds[r.state.best_slot()]
+        out["seed_test_accuracy"] = w.fitness(model, seed.weights, "test")
+        return out
+
+
+class DiversityProbe(Observer):
+    """The population's diversity on the probe split (see :mod:`forkpop.population.diversity`)
+    and the pairwise disagreement matrix of its learned variants (artifact ``diversity/``)."""
+
+    name = "diversity"
+
+    def __init__(self, world: ClassificationWorld, spec: GenomeSpec):
+        self.world, self.spec = world, spec
+
+    def measure(self, r: GenerationResult) -> dict[str, Any]:
+        ev = r.evals
+        alive = [i for i, x in enumerate(ev.results) if x.status == "ok"]
+        out = genotype_spread([ev.variants[i].genome.as_dict() for i in alive], self.spec)
+        matrix: dict = {"ids": [ev.variants[i].id for i in alive], "disagreement": []}
+        if alive:
+            w = ev.weights[alive]
+            out.update(weight_distances(w))
+            own = ev.fork_seeds[[ev.plan.slots[i] for i in alive]]  # each variant's own seed
+            out["weight_to_seed"] = float((w.double() - own.double()).norm(dim=1).mean())
+            p = ev.probs("probe", alive).double().numpy()
+            labels = self.world.labels("probe")
+            out.update(functional_diversity(p, None if labels is None else labels.numpy()))
+            rows = {i: k for k, i in enumerate(ev.live)}
+            hidden = ev.hidden("probe")
+            out.update(representation_similarity([hidden[rows[i]].double().numpy() for i in alive] if hidden else []))
+            matrix["disagreement"] = disagreement_matrix(p).round(4).tolist()
+        out.update(lineage_stats(r.state.lineage, r.generation))
+        out["alive"] = float(len(alive))
+        out["species"] = float(len({s.variant.id for s in r.state.seeds}))
+        return {"diversity": out, "artifacts": {f"diversity/gen-{r.generation:04d}.json": json.dumps(matrix)}}
+
+
+class CollapseAlarm(Observer):
+    """The seed's prediction entropy on the probe split, and the model-collapse alarm: its
+    probe accuracy and entropy have both fallen at each of the last ``window`` generations
+    (said once on stderr)."""
+
+    name = "alarm"
+
+    def __init__(self, world: ClassificationWorld, window: int):
+        self.world, self.window = world, window
+        self._said = False
+
+    def measure(self, r: GenerationResult) -> dict[str, Any]:
+        seed = r.state.seeds[r.state.best_slot()]
+        sp, _ = self.world.predict(r.model, seed.weights[None], self.world.inputs("probe"))
+        entropy = float(-(sp * torch.log(sp.clamp_min(1e-12))).sum(-1).mean())
+        alarm = collapse(list(r.history), seed.val, entropy, self.window)
+        if alarm and not self._said and not any(h.collapse_alarm for h in r.history):
+            print(
+                f"forkpop: collapse alarm at generation {r.generation}: the seed's validation accuracy and prediction "
+                f"entropy have both fallen for {self.window} generations",
+                file=sys.stderr,
+            )
+            self._said = True
+        return {"seed_entropy": entropy, "collapse_alarm": alarm}
+
+
+def collapse(history: list[GenerationRecord], val: float, entropy: float, window: int) -> bool:
+    """Whether probe accuracy and prediction entropy have both fallen at each of the last
+    ``window`` generations (the model-collapse signature)."""
+    if window <= 0 or len(history) < window:
+        return False
+    vals = [h.seed_val_accuracy for h in history[-window:]] + [val]
+    ents = [h.seed_entropy for h in history[-window:]] + [entropy]
+    return all(vals[i + 1] < vals[i] and ents[i + 1] < ents[i] for i in range(window))
+
+
+class BackdoorProbe(Observer):
+    """Share of triggered test inputs the best seed sends to the backdoor's target."""
+
+    name = "backdoor"
+
+    def __init__(self, world: ClassificationWorld, target: int):
+        self.world, self.target = world, target
+
+    def measure(self, r: GenerationResult) -> dict[str, Any]:
+        seed = r.state.seeds[r.state.best_slot()]
+        return {"backdoor_success": self.world.backdoor_success(r.model, seed.weights, self.target)}
+
+
+class Tracking(Observer):
+    """MLflow: a nested run per student and per fork (lineage tags, genes, curves), the
+    per-batch curves and diversity matrices as artifacts, the record as parent-run metrics."""
+
+    name = "tracking"
+
+    def __init__(self, tracker: Any, step_metrics: str, poisoned: tuple[int, ...]):
+        self.tracker, self.step_metrics, self.poisoned = tracker, step_metrics, poisoned
+
+    def on_generation(self, r: GenerationResult, record: GenerationRecord) -> None:
+        t, ev = self.tracker, r.evals
+        for st, ok, test in zip(r.students, r.accepted, r.figures.get("student_test", []), strict=False):
+            t.log_variant(
+                st.variant,
+                {"val_accuracy": st.val, "test_accuracy": test},
+                tags={"forkpop.accepted": str(ok).lower(), "forkpop.species": str(st.slot)},
+            )
+        curves = {x.variant_id: {"preq_accuracy": x.preq_accuracy, "loss": x.loss} for x in ev.results}
+        t.log_text(json.dumps(curves), f"steps/gen-{r.generation:04d}.json")
+        teacher_ids = {ev.variants[i].id for i in r.teacher_ids}
+        label_screened = r.screened.get("peer_labels", set())
+        for i, (v, x) in enumerate(zip(ev.variants, ev.results, strict=True)):
+            tags = {"forkpop.status": x.status, "forkpop.teacher": str(v.id in teacher_ids).lower()}
+            if r.state.n_species > 1:
+                tags["forkpop.species"] = str(ev.plan.slots[i])
+            if self.poisoned:
+                tags["forkpop.poisoned"] = str(v.niche in self.poisoned).lower()
+            if x.reason:
+                tags["forkpop.reason"] = x.reason
+            if x.audit:
+                tags["forkpop.label_audit"] = x.audit
+            if i in label_screened:
+                tags["forkpop.label_screened"] = "true"
+            final = {"samples": x.samples, "learn_seconds": x.seconds}
+            if math.isfinite(x.val_accuracy):
+                final["val_accuracy"] = x.val_accuracy
+            if x.preq_accuracy:
+                final["preq_accuracy_final"] = x.preq_accuracy[-1]
+            t.log_variant(v, final, step_metrics(x, self.step_metrics), tags)
+        for name, text in r.figures.get("artifacts", {}).items():
+            t.log_text(text, name)
+        # The checkpoint marks the generation done, so it is written once its records are in
+        # MLflow: a resume after a kill never lacks a record (later ones it deletes and redoes).
+        t.flush()
+
+    def on_record(self, r: GenerationResult, record: GenerationRecord) -> None:
+        self.tracker.log_generation(r.generation, record.metrics())
+
+
+class Checkpoints(Observer):
+    """The run directory's ``checkpoints/gen-NNNN/``: the state (seeds, lineage, generated
+    pool, RNG), the generation's record and teachers; then its timings beside it."""
+
+    name = "checkpoint"
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = run_dir
+
+    def on_generation(self, r: GenerationResult, record: GenerationRecord) -> None:
+        state = r.state
+        best = state.best_slot()
+        tensors = {"seed": state.seeds[best].weights}
+        for slot, (x, p, born) in state.generated.items():
+            tensors.update({f"generated_x_{slot}": x, f"generated_p_{slot}": p, f"generated_born_{slot}": born})
+        if state.n_species > 1:
+            tensors.update({f"seed_{k}": s.weights.clone() for k, s in enumerate(state.seeds)})
+        if r.teacher_ids:
+            tensors["teachers"] = r.evals.weights[r.teacher_ids].clone()
+        body = {
+            "record": asdict(record),
+            "seed": state.seeds[best].variant.to_dict(),
+            "seed_val_accuracy": state.seeds[best].val,
+            "species": [{"seed": s.variant.to_dict(), "val_accuracy": s.val} for s in state.seeds],
+            "genomes": {v.id: v.genome.as_dict() for v in r.evals.variants},
+            "lineage": state.lineage.to_dict(),
+            # Each generation's generator is default_rng([run.seed, generation]); its state
+            # after this generation is kept to show the stream is reproduced on resume.
+            "rng": {"scheme": "numpy.default_rng([run.seed, generation])", "state": r.rng_state},
+        }
+        write_checkpoint(self.run_dir, r.generation, tensors, jsonable(body))
+
+    def on_record(self, r: GenerationResult, record: GenerationRecord) -> None:
+        # The timings are known only once the checkpoint is written: kept beside it, so a
+        # resume after a kill before they reached MLflow logs them with the rest.
+        write_seconds(self.run_dir, r.generation, record.seconds)
+
+
+class Progress(Observer):
+    """The progress bar: one step per generation, with the seed's probe and test accuracy."""
+
+    name = "progress"
+
+    def __init__(self, total: int, done: int, enabled: bool):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, desc="generations", unit="gen", disable=not enabled, leave=True)
+        self.bar.update(done)
+
+    def on_record(self, r: GenerationResult, record: GenerationRecord) -> None:
+        self.bar.update(1)
+        self.bar.set_postfix(
+            seed_val=f"{record.seed_val_accuracy:.3f}",
+            seed_test=f"{record.seed_test_accuracy:.3f}",
+            best=f"{record.best_fitness:.3f}",
+        )
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def step_metrics(x: Any, mode: str) -> dict[str, list[float]] | None:
+    """A variant's learning curve as MLflow metric series, at the resolution ``mode`` asks for."""
+    if mode == "batch":
+        return {"preq_accuracy": x.preq_accuracy, "loss": x.loss}
+    if mode == "epoch":
+        bounds = [0, *x.epoch_ends]
+        spans = [(a, b) for a, b in zip(bounds, bounds[1:], strict=False) if b > a]
+        return {
+            "preq_accuracy_epoch": [x.preq_accuracy[b - 1] for _, b in spans],
+            "loss_epoch": [float(np.mean(x.loss[a:b])) for a, b in spans],
+        }
+    return None
+
+
+def jsonable(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {str(k): jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [jsonable(v) for v in x]
+    if isinstance(x, (np.integer,)):
+        return int(x)
+    if isinstance(x, Genome):
+        return x.as_dict()
+    return x

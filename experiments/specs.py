@@ -1,0 +1,59 @@
+"""What the workers need of a config: the data, model and learner specs they rebuild from."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from forkpop.experiments.config import ExperimentConfig
+from forkpop.workers.data import DataSpec, SplitPlan
+from forkpop.workers.learner import AuditSpec, LearnerSpec, ModelSpec
+
+from forkpop.plugins import import_roots, resolve
+
+
+def data_spec(cfg: ExperimentConfig) -> DataSpec:
+    """The data spec of ``cfg``: enough for any worker to load the same splits and niches."""
+    d = cfg.data
+    return DataSpec(
+        source=d.source,
+        path=str(Path(d.path).resolve()) if d.path else None,
+        label_column=d.label_column,
+        label=d.label,
+        standardize=d.standardize,
+        val_fraction=d.val_fraction,
+        partition=d.partition,
+        n_niches=cfg.n_niches,
+        alpha=d.alpha,
+        shards_per_niche=d.shards_per_niche,
+        min_niche_size=d.min_niche_size,
+        seed=d.seed,
+        poison_kind=d.poison.kind,
+        poison_niches=d.poison.niches,
+        poison_rate=d.poison.rate,
+        backdoor_target=d.poison.target,
+        noise_std=d.poison.noise_std,
+    )
+
+
+def model_spec(cfg: ExperimentConfig) -> ModelSpec:
+    """The model spec of ``cfg``: the family every variant shares, resolved here (a name that
+    does not resolve is a one-line ``PluginError`` naming model.family) with the folders its
+    import path needs in a worker."""
+    m = cfg.model
+    resolve("models", m.family, "model.family")
+    return ModelSpec(m.family, tuple(m.hidden), m.options, import_roots(m.family))
+
+
+def learner_spec(cfg: ExperimentConfig, plan: SplitPlan | None = None) -> LearnerSpec:
+    """What every learner of the run shares; ``plan`` is the driver's split of the data."""
+    run = cfg.run
+    return LearnerSpec(
+        data_spec(cfg),
+        model_spec(cfg),
+        cfg.data.batch_size,
+        run.torch_threads,
+        plan,
+        engine=run.engine,
+        device=run.device,
+        audit=AuditSpec(**cfg.data.audit.model_dump()),
+    )
