@@ -109,6 +109,11 @@ class AuditConfig(_Strict):
 
 
 class DataConfig(_Strict):
+    world: str = Field(
+        "classification",
+        description="What the population learns: classification (feature vectors, cross-entropy), or a world "
+        "plug-in by registered name, import path package.module:attr or entry point (group forkpop.worlds).",
+    )
     source: Literal["digits", "file"] = Field("digits", description="scikit-learn digits, or your own file.")
     path: str | None = Field(
         None,

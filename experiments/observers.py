@@ -29,7 +29,7 @@ from forkpop.population.diversity import (
     weight_distances,
 )
 from forkpop.population.genome import Genome, GenomeSpec
-from forkpop.selection import ensemble_accuracy
+from forkpop.population.world import World
 from forkpop.workers.classification import ClassificationWorld
 
 
@@ -122,13 +122,13 @@ class Observer:
         pass
 
 
-class TestReport(Observer):
+class HeldOutReport(Observer):
     """Test-split figures (reported only, never used for a decision): the best seed, each
     student, the best teacher and the teachers' ensemble."""
 
     name = "evaluate"
 
-    def __init__(self, world: ClassificationWorld):
+    def __init__(self, world: World):
         self.world = world
 
     def measure(self, r: GenerationResult) -> dict[str, Any]:
@@ -137,7 +137,8 @@ class TestReport(Observer):
         if r.teacher_ids:
             tw = r.evals.weights[r.teacher_ids]
             out["best_individual_test_accuracy"] = w.fitness(model, tw[0], "test")
-            out["ensemble_test_accuracy"] = ensemble_accuracy(model, tw, w.inputs("test"), w.labels("test"))
+            probs, _ = w.predict(model, tw, w.inputs("test"))
+            out["ensemble_test_accuracy"] = float(w.fitness_of(probs.mean(0, keepdim=True), "test")[0])
         seed = r.state.seeds[r.state.best_slot()]
         out["seed_test_accuracy"] = w.fitness(model, seed.weights, "test")
         return out
@@ -149,7 +150,7 @@ class DiversityProbe(Observer):
 
     name = "diversity"
 
-    def __init__(self, world: ClassificationWorld, spec: GenomeSpec):
+    def __init__(self, world: World, spec: GenomeSpec):
         self.world, self.spec = world, spec
 
     def measure(self, r: GenerationResult) -> dict[str, Any]:
@@ -182,7 +183,7 @@ class CollapseAlarm(Observer):
 
     name = "alarm"
 
-    def __init__(self, world: ClassificationWorld, window: int):
+    def __init__(self, world: World, window: int):
         self.world, self.window = world, window
         self._said = False
 

@@ -25,7 +25,7 @@ from forkpop.experiments.observers import (
     GenerationRecord,
     Observer,
     Progress,
-    TestReport,
+    HeldOutReport,
     Tracking,
 )
 from forkpop.experiments.specs import data_spec, learner_spec, model_spec
@@ -267,7 +267,7 @@ class PopulationRun:
         diversity, collapse alarm, backdoor), then MLflow, the checkpoint and the progress bar."""
         cfg = self.cfg
         probes: list[Observer] = [
-            TestReport(world),
+            HeldOutReport(world),
             DiversityProbe(world, self.spec),
             CollapseAlarm(world, cfg.tracking.collapse_window),
         ]

@@ -19,7 +19,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-KINDS = ("models", "worlds", "strategies", "distillers")
+KINDS = ("models", "worlds", "strategies", "distillers", "learners")
 _REGISTRY: dict[str, dict[str, Any]] = {k: {} for k in KINDS}
 _DOTTED = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
 

@@ -79,7 +79,8 @@ class ClassificationWorld(World):
         return accuracy(load_flat_weights(model, weights), self._x[split], self._y[split])
 
     def fitness_of(self, probs: torch.Tensor, split: str = "probe") -> torch.Tensor:
-        return (probs.argmax(-1) == self._y[split]).double().mean(-1)
+        """Accuracy of each row of ``probs`` ``(n, m, C)`` on ``split``: ``(n,)``."""
+        return (probs.argmax(-1) == self._y[split]).float().mean(-1)
 
     def generate(self, kind: str, real: torch.Tensor, n: int, generator: torch.Generator, **options) -> torch.Tensor:  # noqa: ANN003
         """``mixup``: convex blends of two real inputs; ``noise``: real inputs plus Gaussian

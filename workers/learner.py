@@ -6,6 +6,7 @@ import json
 import math
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -235,6 +236,14 @@ class GroupLearner:
                 resolve_device(spec.device),
             )
 
+    def describe(self) -> dict:
+        """How this group computes: device, engine (``stacked``, ``vmap``, ``loop``) and why."""
+        return {
+            "device": str(self.engine.device) if self.engine else "cpu",
+            "engine": self.plan.kind,
+            "reason": self.plan.reason,
+        }
+
     def learn(self, seed_weights: torch.Tensor, tasks: list[ForkTask]) -> tuple[torch.Tensor, list[LearnResult]]:
         """Fork ``seed_weights`` into each task's variant and learn online on its niche.
 
@@ -413,6 +422,23 @@ def unpack_results(p: dict) -> list[LearnResult]:
         )
         o, e = o + n, e + m
     return out
+
+
+def build_learner(spec: Any) -> Any:
+    """The learner a worker hosts for ``spec`` (in this process or a Ray actor).
+
+    A world's learner spec names its learner class in ``spec.learner`` (a registered name of
+    kind ``learners`` or an import path); the classification world's :class:`LearnerSpec`
+    names none and gets :class:`GroupLearner`. A learner has ``learn(seed_weights, tasks) ->
+    (weights, results)`` and ``describe() -> dict`` (device, engine, reason).
+    """
+    name = getattr(spec, "learner", None)
+    if not name:
+        return GroupLearner(spec)
+    from forkpop.plugins import add_import_roots, resolve
+
+    add_import_roots(tuple(getattr(spec, "import_roots", ())))
+    return resolve("learners", name, "learner")(spec)
 
 
 def engine_plan(spec: LearnerSpec, model: torch.nn.Module, n_features: int, n_classes: int) -> EnginePlan:

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
-from forkpop.workers.learner import ForkTask, GroupLearner, LearnerSpec, LearnResult
+from forkpop.workers.learner import ForkTask, LearnerSpec, LearnResult, build_learner
 
 
 class ClusterError(ValueError):
@@ -98,21 +98,11 @@ class LocalPool:
     n_workers = 1
 
     def __init__(self, spec: LearnerSpec):
-        self.learner = GroupLearner(spec)
+        self.learner = build_learner(spec)
         self.stats = PoolStats()
 
     def describe(self) -> list[dict]:
-        eng = self.learner.engine
-        return [
-            {
-                "node": "local",
-                "ip": "127.0.0.1",
-                "device": str(eng.device) if eng else "cpu",
-                "engine": self.learner.plan.kind,
-                "reason": self.learner.plan.reason,
-                "peak_rss": peak_rss_bytes(),
-            }
-        ]
+        return [{"node": "local", "ip": "127.0.0.1", **self.learner.describe(), "peak_rss": peak_rss_bytes()}]
 
     def submit(self, seed_weights: torch.Tensor, tasks: list[ForkTask]) -> Any:
         """In-process there is nothing to overlap: the work happens at :meth:`collect`."""

@@ -12,9 +12,9 @@ import ray
 import torch
 from forkpop.workers.learner import (
     ForkTask,
-    GroupLearner,
     LearnerSpec,
     LearnResult,
+    build_learner,
     pack_results,
     split_tasks,
     unpack_results,
@@ -72,10 +72,11 @@ INLINE_BYTES = 1 << 20
 
 @ray.remote
 class LearnerActor:
-    """A Ray actor around :class:`GroupLearner`; returns weights and metrics, never logs."""
+    """A Ray actor around the world's learner (:func:`build_learner`); returns weights and
+    metrics, never logs."""
 
     def __init__(self, spec: LearnerSpec):
-        self.learner = GroupLearner(spec)
+        self.learner = build_learner(spec)
 
     def ping(self) -> str:
         return ray.get_runtime_context().get_node_id()
@@ -88,9 +89,7 @@ class LearnerActor:
         return {
             "node": ray.get_runtime_context().get_node_id(),
             "ip": ray.util.get_node_ip_address(),
-            "device": str(self.learner.engine.device) if self.learner.engine else "cpu",
-            "engine": self.learner.plan.kind,
-            "reason": self.learner.plan.reason,
+            **self.learner.describe(),
             "peak_rss": peak_rss_bytes(),
         }
 
