@@ -23,23 +23,21 @@ from forkpop.experiments.observers import (
     CollapseAlarm,
     DiversityProbe,
     GenerationRecord,
+    HeldOutReport,
     Observer,
     Progress,
-    HeldOutReport,
     Tracking,
 )
-from forkpop.experiments.specs import data_spec, learner_spec, model_spec
+from forkpop.experiments.specs import data_spec, model_spec
 from forkpop.experiments.tracking import PATIENCE_ENV, NullTracker, Tracker, redact_tree, resolve_tracking_uri
 from forkpop.population.lineage import Lineage
 from forkpop.population.state import RunState, Seed
 from forkpop.population.variant import Variant
+from forkpop.population.world import World
 from forkpop.selection import ensemble_accuracy
 from forkpop.selection.distiller import Distiller, GeneratedSpec
 from forkpop.selection.screens import fitness_screen, peer_label_screen_of
 from forkpop.selection.strategies import Species, Strategy
-from forkpop.workers.classification import ClassificationWorld
-from forkpop.workers.data import DataError, load_data
-from forkpop.workers.learner import LearnerSpec
 from forkpop.workers.pool import Pool, make_pool, peak_rss_bytes
 
 from forkpop.plugins import resolve
@@ -114,18 +112,11 @@ class PopulationRun:
             address = self.address or os.environ.get("RAY_ADDRESS")
             if address:
                 check_address(address, self.allow_unauthenticated_ray)
-        self.data = load_data(self.data_spec)
-        bsz = self.cfg.data.batch_size
-        small = [i for i, n in enumerate(self.data.niches) if len(n) < bsz]
-        if small:
-            least = min(len(self.data.niches[i]) for i in small)
-            raise DataError(
-                f"niches {small} hold fewer samples (the least {least}) than one batch (data.batch_size={bsz}); "
-                f"lower data.batch_size, raise data.min_niche_size to {bsz} or use fewer niches"
-            )
+        self.world = resolve("worlds", self.cfg.data.world, "data.world")(self.cfg)
+        self.data = getattr(self.world, "data", None)  # the classification world's data bundle
 
-    def learner_spec(self) -> LearnerSpec:
-        return learner_spec(self.cfg, self.data.plan)
+    def learner_spec(self) -> Any:
+        return self.world.learner_spec()
 
     def _start_tracker(self) -> Tracker | NullTracker:
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -140,11 +131,19 @@ class PopulationRun:
             tracker.attach(self.resume["mlflow_run_id"], state["generation"], last)
             return tracker
         (self.run_dir / "config.yaml").write_text(config_to_yaml(self.cfg))
+        described = json.dumps(self.world.describe(), indent=1)
+        (self.run_dir / "world.json").write_text(described)
         tracker.start(
             self.cfg.run.name,
-            tags={"forkpop.kind": "population", "forkpop.run_dir": str(self.run_dir.resolve())},
+            tags={
+                "forkpop.kind": "population",
+                "forkpop.run_dir": str(self.run_dir.resolve()),
+                "forkpop.world": self.world.name,
+                **({"forkpop.standardized": str(self.data.scaling is not None).lower()} if self.data else {}),
+            },
             params=_flatten(self.cfg.model_dump(mode="json")),
         )
+        tracker.log_text(described, "world.json")
         return tracker
 
     def _start_pool(self) -> Pool:
@@ -207,7 +206,7 @@ class PopulationRun:
 
     def _evolve(self, pool: Pool, tracker: Tracker | NullTracker, t_start: float) -> RunSummary:
         cfg = self.cfg
-        world = self.world = ClassificationWorld(self.data, self.learner_spec())
+        world = self.world
         history: list[GenerationRecord] = []
         if self.resume is not None and self._restored["generation"] >= 0:  # from the last good checkpoint
             state = self._restored["state"]
@@ -256,13 +255,13 @@ class PopulationRun:
             seed_val_accuracy=last.seed_val_accuracy,
             history=[asdict(h) for h in history],
             seconds=totals,
-            poisoned_niches=list(self.data.poisoned),
+            poisoned_niches=list(world.poisoned()),
             poisoned_teachers=sum(h.poisoned_teachers for h in history),
             unaudited_poisoned_teachers=sum(h.unaudited_poisoned_teachers for h in history),
             backdoor_success=last.backdoor_success,
         )
 
-    def observers(self, world: ClassificationWorld, tracker: Tracker | NullTracker, done: int) -> list[Observer]:
+    def observers(self, world: World, tracker: Tracker | NullTracker, done: int) -> list[Observer]:
         """Who receives each generation's result, in order: the probes (test figures,
         diversity, collapse alarm, backdoor), then MLflow, the checkpoint and the progress bar."""
         cfg = self.cfg
@@ -346,7 +345,7 @@ def build_strategy(cfg: ExperimentConfig) -> Strategy:
     )
 
 
-def build_screens(cfg: ExperimentConfig, world: ClassificationWorld) -> dict[str, core.Screen]:
+def build_screens(cfg: ExperimentConfig, world: World) -> dict[str, core.Screen]:
     """The screens every generation's evaluations pass before selection."""
     audit = cfg.data.audit
     return {

@@ -1,14 +1,16 @@
-"""What the workers need of a config: the data, model and learner specs they rebuild from."""
+"""From a config to what the run is made of: the data, model and learner specs the workers
+rebuild from, and the classification world."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from forkpop.experiments.config import ExperimentConfig
-from forkpop.workers.data import DataSpec, SplitPlan
+from forkpop.workers.classification import ClassificationWorld
+from forkpop.workers.data import DataError, DataSpec, SplitPlan, load_data
 from forkpop.workers.learner import AuditSpec, LearnerSpec, ModelSpec
 
-from forkpop.plugins import import_roots, resolve
+from forkpop.plugins import import_roots, register, resolve
 
 
 def data_spec(cfg: ExperimentConfig) -> DataSpec:
@@ -57,3 +59,22 @@ def learner_spec(cfg: ExperimentConfig, plan: SplitPlan | None = None) -> Learne
         device=run.device,
         audit=AuditSpec(**cfg.data.audit.model_dump()),
     )
+
+
+def classification_world(cfg: ExperimentConfig) -> ClassificationWorld:
+    """The classification world of ``cfg`` (``data.world: classification``): its data loaded
+    and checked here, in the driver, before Ray or MLflow start."""
+    data = load_data(data_spec(cfg))
+    bsz = cfg.data.batch_size
+    small = [i for i, n in enumerate(data.niches) if len(n) < bsz]
+    if small:
+        least = min(len(data.niches[i]) for i in small)
+        raise DataError(
+            f"niches {small} hold fewer samples (the least {least}) than one batch (data.batch_size={bsz}); "
+            f"lower data.batch_size, raise data.min_niche_size to {bsz} or use fewer niches"
+        )
+    return ClassificationWorld(data, learner_spec(cfg, data.plan))
+
+
+# A world plug-in is a factory ``(ExperimentConfig) -> World`` registered as kind ``worlds``.
+register("worlds", "classification", classification_world)

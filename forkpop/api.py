@@ -14,13 +14,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 if TYPE_CHECKING:
     import torch
 
     from forkpop.experiments.config import ExperimentConfig
     from forkpop.population.lineage import Lineage
 
-MODEL_FILE = "model.json"  # the model's input and output sizes, so load() needs no data
+WORLD_FILE = "world.json"  # the run's world: class names and input shape, so load() needs no data
 
 
 @dataclass
@@ -142,9 +144,7 @@ def run(
     # As --summary and summary.json hold it (JSON: tuples are lists, unknown types strings).
     summary = json.loads(json.dumps(asdict(pr.run()), default=str))
     run_dir = Path(summary.get("run_dir") or pr.run_dir)
-    data = pr.data
-    (run_dir / MODEL_FILE).write_text(json.dumps({"n_features": data.n_features, "n_classes": data.n_classes}))
-    return _load(run_dir, cfg, summary, (data.n_features, data.n_classes))
+    return _load(run_dir, cfg, summary, _shape(run_dir))
 
 
 def load(run_dir: str | Path) -> Result:
@@ -161,14 +161,24 @@ def load(run_dir: str | Path) -> Result:
     cfg = load_config(folder / "config.yaml")
     summary_file = folder / "summary.json"
     summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
-    sizes = None
-    if (folder / MODEL_FILE).is_file():
-        m = json.loads((folder / MODEL_FILE).read_text())
-        sizes = (int(m["n_features"]), int(m["n_classes"]))
-    return _load(folder, cfg, summary, sizes)
+    return _load(folder, cfg, summary, _shape(folder))
 
 
-def _load(run_dir: Path, cfg: ExperimentConfig, summary: dict, sizes: tuple[int, int] | None) -> Result:
+def _shape(run_dir: Path) -> tuple[int, int, tuple[int, ...]] | None:
+    """The model's input size, classes and input shape from the run's ``world.json``."""
+    f = run_dir / WORLD_FILE
+    if not f.is_file():
+        return None
+    w = json.loads(f.read_text())
+    if "input_shape" not in w or "classes" not in w:
+        return None
+    shape = tuple(int(v) for v in w["input_shape"])
+    return int(np.prod(shape)), len(w["classes"]), shape
+
+
+def _load(
+    run_dir: Path, cfg: ExperimentConfig, summary: dict, sizes: tuple[int, int, tuple[int, ...]] | None
+) -> Result:
     from forkpop.experiments.checkpoint import CheckpointError, read_checkpoint
     from forkpop.experiments.specs import data_spec, model_spec
     from forkpop.population.lineage import Lineage
@@ -185,8 +195,8 @@ def _load(run_dir: Path, cfg: ExperimentConfig, summary: dict, sizes: tuple[int,
         from forkpop.workers.data import load_data
 
         bundle = load_data(data_spec(cfg))
-        sizes = (bundle.n_features, bundle.n_classes)
-    model = model_spec(cfg).build(*sizes)
+        sizes = (bundle.n_features, bundle.n_classes, bundle.input_shape)
+    model = model_spec(cfg).build(sizes[0], sizes[1], input_shape=sizes[2])
     load_flat_weights(model, tensors["seed"]).eval()
     return Result(
         summary=summary,

@@ -39,6 +39,10 @@ class World(ABC):
     def niche_size(self, niche: int) -> int:
         """Samples in niche ``niche`` (one pass over its stream): balances the workers."""
 
+    def describe(self) -> dict[str, Any]:
+        """What a run records of the world (JSON): e.g. class names, input shape, scaling."""
+        return {"world": self.name}
+
     def poisoned(self) -> tuple[int, ...]:
         """Niches the world knows it poisoned (for records only; never for decisions)."""
         return ()

@@ -52,8 +52,9 @@ def test_load_rebuilds_the_same_result(digits_run):
     assert torch.equal(flat_weights(again.seed_model), flat_weights(r.seed_model))
     assert json.dumps(again.summary, sort_keys=True) == json.dumps(r.summary, sort_keys=True)
     assert again.lineage == r.lineage and again.config == r.config and again.seed_id == r.seed_id
-    # A run directory the CLI made has no model.json: load reads the data for the model's sizes.
-    (r.run_dir / "model.json").unlink()
+    # A run directory without world.json (an older run): load reads the data for the model's sizes.
+    assert json.loads((r.run_dir / "world.json").read_text())["classes"] == [str(c) for c in range(10)]
+    (r.run_dir / "world.json").unlink()
     assert torch.equal(flat_weights(forkpop.load(str(r.run_dir)).seed_model), flat_weights(r.seed_model))
 
 

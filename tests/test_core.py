@@ -280,7 +280,9 @@ def test_fitness_screen_flags_the_low_outliers_only():
 
 
 def _student(slot: int, val: float, merge: bool = False, name: str = "g01-seed") -> Student:
-    return Student(Variant(name, SPEC.initial(), 1, Origin.DISTILL, ("g00-v000",)), torch.full((5,), val), val, slot, merge)
+    return Student(
+        Variant(name, SPEC.initial(), 1, Origin.DISTILL, ("g00-v000",)), torch.full((5,), val), val, slot, merge
+    )
 
 
 def test_elitism_keeps_a_seed_at_least_as_fit_and_a_merged_student_takes_every_slot():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from forkpop.population.models import accuracy, build_model, load_flat_weights, predict_many
+from forkpop.population.models import accuracy, load_flat_weights, predict_many
 from forkpop.population.world import World
 from forkpop.workers.data import DataBundle, trigger
 from forkpop.workers.learner import LearnerSpec
@@ -51,13 +51,17 @@ class ClassificationWorld(World):
     def niche_rows(self, niche: int) -> np.ndarray:
         return self.data.niches[niche]
 
+    def describe(self) -> dict:
+        """The world, the data's source, class names (index order), input shape and scaling."""
+        return {"world": self.name, "source": self.spec.data.source, "n_niches": self.n_niches, **self.data.record()}
+
     def poisoned(self) -> tuple[int, ...]:
         return tuple(self.data.poisoned)
 
     # -- models -----------------------------------------------------------------------------
     def build_model(self, seed: int = 0) -> nn.Module:
-        m = self.spec.model
-        return build_model(m.family, self.data.n_features, self.data.n_classes, m.hidden, seed)
+        d = self.data
+        return self.spec.model.build(d.n_features, d.n_classes, seed, input_shape=d.input_shape)
 
     def learner_spec(self) -> LearnerSpec:
         return self.spec

@@ -44,10 +44,31 @@ class ModelSpec:
         """``options`` as keyword arguments."""
         return json.loads(self.options)
 
-    def build(self, in_dim: int, n_classes: int, seed: int = 0) -> torch.nn.Module:
-        """A freshly initialised model of this spec (importable here once its roots are added)."""
+    def build(
+        self, in_dim: int, n_classes: int, seed: int = 0, input_shape: tuple[int, ...] | None = None
+    ) -> torch.nn.Module:
+        """A freshly initialised model of this spec (importable here once its roots are added).
+
+        ``input_shape`` (``(C, H, W)`` for images; the inputs travel flat) reaches a factory
+        that takes an ``input_shape`` argument (``cnn``) unless ``options`` set it."""
         add_import_roots(self.import_roots)
-        return build_model(self.family, in_dim, n_classes, self.hidden, seed, options=self.kwargs)
+        opts = self.kwargs
+        if input_shape is not None and len(input_shape) > 1 and "input_shape" not in opts:
+            from forkpop.plugins import resolve
+
+            if "input_shape" in _named_parameters(resolve("models", self.family, "model.family")):
+                opts["input_shape"] = tuple(input_shape)
+        return build_model(self.family, in_dim, n_classes, self.hidden, seed, options=opts)
+
+
+def _named_parameters(fn: Any) -> set[str]:
+    """The parameter names ``fn`` declares (not counting ``**kw``)."""
+    import inspect
+
+    try:
+        return set(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):
+        return set()
 
 
 @dataclass(frozen=True)
@@ -213,7 +234,8 @@ class GroupLearner:
         torch.set_num_threads(spec.torch_threads)
         self.data: DataBundle = load_data(spec.data, spec.plan)
         self.batch_size = spec.batch_size
-        self.model = spec.model.build(self.data.n_features, self.data.n_classes)  # adds its import roots
+        d = self.data  # building the model adds its import roots to sys.path
+        self.model = spec.model.build(d.n_features, d.n_classes, input_shape=d.input_shape)
         self.x_pool = torch.from_numpy(self.data.x_pool)
         self.y_pool = torch.from_numpy(self.data.y_pool)
         self.x_val = torch.from_numpy(self.data.x_val)
