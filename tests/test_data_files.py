@@ -298,3 +298,29 @@ def test_the_fast_and_the_careful_csv_readers_agree(tmp_path, monkeypatch):
         slow = data._load_file(path, label_column, label)
         assert np.array_equal(f.x, slow.x) and np.array_equal(f.y, slow.y)
         assert f.classes == slow.classes and f.input_shape == slow.input_shape == (3,)
+
+
+def test_a_cnn_learns_image_files_of_any_shape_end_to_end(tmp_path):
+    import forkpop
+
+    rng = np.random.default_rng(3)
+    y = np.arange(240) % 2
+    x = rng.normal(size=(240, 3, 6, 5)).astype(np.float32)
+    x[:, 1] += np.where(y == 1, 1.5, -1.5)[:, None, None]  # the class shows in the second channel
+    np.savez(tmp_path / "img.npz", x=x, y=y)
+    overrides = {
+        "run.run_dir": str(tmp_path / "runs"),
+        "run.generations": 2,
+        "population.size": 4,
+        "data.n_niches": 4,
+        "data.source": "file",
+        "data.path": str(tmp_path / "img.npz"),
+        "model.family": "cnn",
+        "model.hidden": [4, 8],
+        "data.batch_size": 8,
+    }
+    r = forkpop.run("digits", overrides=overrides, backend="local", tracking=False)
+    assert r.summary["workers"][0]["engine"] == "vmap"
+    assert r.seed_model.input_shape == (3, 6, 5)
+    assert tuple(r.seed_model(torch.zeros(2, 90)).shape) == (2, 2)
+    assert r.summary["seed_test_accuracy"] > 0.8
