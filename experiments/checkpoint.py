@@ -1,4 +1,4 @@
-"""Per-generation checkpoints: seed weights (safetensors) and state (JSON), written atomically."""
+"""Per-generation checkpoints of a run's state: weights (safetensors) and the rest (JSON), written atomically."""
 
 from __future__ import annotations
 
@@ -10,6 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from forkpop.population.lineage import Lineage
+from forkpop.population.state import RunState, Seed
+from forkpop.population.variant import Variant
 from safetensors.torch import load_file, save_file
 
 
@@ -72,3 +75,46 @@ def read_seconds(folder: Path) -> dict[str, float]:
         return {str(k): float(v) for k, v in raw.items()}
     except (OSError, ValueError, AttributeError, TypeError):
         return {}
+
+
+def state_to_checkpoint(state: RunState, teachers: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """A run's state as a checkpoint's tensors and JSON body (see :func:`state_from_checkpoint`):
+    the best seed (``seed``), every species' seed (``seed_k``), the generated transfer pool and
+    this generation's ``teachers``; the seeds' variants, lineage and fitness in JSON."""
+    best = state.best_slot()
+    tensors = {"seed": state.seeds[best].weights}
+    for slot, (x, p, born) in state.generated.items():
+        tensors.update({f"generated_x_{slot}": x, f"generated_p_{slot}": p, f"generated_born_{slot}": born})
+    if state.n_species > 1:
+        tensors.update({f"seed_{k}": s.weights.clone() for k, s in enumerate(state.seeds)})
+    if teachers is not None:
+        tensors["teachers"] = teachers.clone()
+    body = {
+        "seed": state.seeds[best].variant.to_dict(),
+        "seed_val_accuracy": state.seeds[best].val,
+        "species": [{"seed": s.variant.to_dict(), "val_accuracy": s.val} for s in state.seeds],
+        "lineage": state.lineage.to_dict(),
+    }
+    return tensors, body
+
+
+def state_from_checkpoint(tensors: dict[str, torch.Tensor], body: dict, run_seed: int) -> RunState:
+    """The state a checkpoint of generation ``body["generation"]`` stored: the run goes on
+    with the generation after it."""
+    seeds = tuple(
+        Seed(Variant.from_dict(sp["seed"]), tensors.get(f"seed_{k}", tensors["seed"]), float(sp["val_accuracy"]))
+        for k, sp in enumerate(body["species"])
+    )
+    generated = {
+        int(k.rsplit("_", 1)[1]): (tensors[k], tensors[k.replace("_x_", "_p_")], tensors[k.replace("_x_", "_born_")])
+        for k in tensors
+        if k.startswith("generated_x_")
+    }
+    return RunState(
+        run_seed,
+        seeds,
+        Lineage.from_dict(body["lineage"]),
+        generation=int(body["generation"]) + 1,
+        generated=generated,
+        teachers=tensors.get("teachers", torch.empty(0)),
+    )

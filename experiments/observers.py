@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from forkpop.experiments.checkpoint import write_checkpoint, write_seconds
+from forkpop.experiments.checkpoint import state_to_checkpoint, write_checkpoint, write_seconds
 from forkpop.experiments.core import GenerationResult
 from forkpop.population.diversity import (
     disagreement_matrix,
@@ -284,26 +284,15 @@ class Checkpoints(Observer):
         self.run_dir = run_dir
 
     def on_generation(self, r: GenerationResult, record: GenerationRecord) -> None:
-        state = r.state
-        best = state.best_slot()
-        tensors = {"seed": state.seeds[best].weights}
-        for slot, (x, p, born) in state.generated.items():
-            tensors.update({f"generated_x_{slot}": x, f"generated_p_{slot}": p, f"generated_born_{slot}": born})
-        if state.n_species > 1:
-            tensors.update({f"seed_{k}": s.weights.clone() for k, s in enumerate(state.seeds)})
-        if r.teacher_ids:
-            tensors["teachers"] = r.evals.weights[r.teacher_ids].clone()
-        body = {
-            "record": asdict(record),
-            "seed": state.seeds[best].variant.to_dict(),
-            "seed_val_accuracy": state.seeds[best].val,
-            "species": [{"seed": s.variant.to_dict(), "val_accuracy": s.val} for s in state.seeds],
-            "genomes": {v.id: v.genome.as_dict() for v in r.evals.variants},
-            "lineage": state.lineage.to_dict(),
+        teachers = r.evals.weights[r.teacher_ids] if r.teacher_ids else None
+        tensors, body = state_to_checkpoint(r.state, teachers)
+        body.update(
+            record=asdict(record),
+            genomes={v.id: v.genome.as_dict() for v in r.evals.variants},
             # Each generation's generator is default_rng([run.seed, generation]); its state
             # after this generation is kept to show the stream is reproduced on resume.
-            "rng": {"scheme": "numpy.default_rng([run.seed, generation])", "state": r.rng_state},
-        }
+            rng={"scheme": "numpy.default_rng([run.seed, generation])", "state": r.rng_state},
+        )
         write_checkpoint(self.run_dir, r.generation, tensors, jsonable(body))
 
     def on_record(self, r: GenerationResult, record: GenerationRecord) -> None:

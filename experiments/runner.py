@@ -15,7 +15,7 @@ from typing import Any
 import torch
 import yaml
 from forkpop.experiments import core
-from forkpop.experiments.checkpoint import CheckpointError, read_checkpoint, read_seconds
+from forkpop.experiments.checkpoint import CheckpointError, read_checkpoint, read_seconds, state_from_checkpoint
 from forkpop.experiments.config import ExperimentConfig, config_to_yaml, contained
 from forkpop.experiments.observers import (
     BackdoorProbe,
@@ -30,9 +30,6 @@ from forkpop.experiments.observers import (
 )
 from forkpop.experiments.specs import data_spec, model_spec
 from forkpop.experiments.tracking import PATIENCE_ENV, NullTracker, Tracker, redact_tree, resolve_tracking_uri
-from forkpop.population.lineage import Lineage
-from forkpop.population.state import RunState, Seed
-from forkpop.population.variant import Variant
 from forkpop.population.world import World
 from forkpop.selection import ensemble_accuracy
 from forkpop.selection.distiller import Distiller, GeneratedSpec
@@ -295,27 +292,7 @@ class PopulationRun:
                 print(f"forkpop: {e}; trying the generation before", file=sys.stderr)
                 continue
             g = int(state["generation"])
-            seeds = []
-            for k, sp in enumerate(state["species"]):
-                w = tensors.get(f"seed_{k}", tensors["seed"])
-                seeds.append(Seed(Variant.from_dict(sp["seed"]), w, float(sp["val_accuracy"])))
-            generated = {
-                int(k.rsplit("_", 1)[1]): (
-                    tensors[k],
-                    tensors[k.replace("_x_", "_p_")],
-                    tensors[k.replace("_x_", "_born_")],
-                )
-                for k in tensors
-                if k.startswith("generated_x_")
-            }
-            run_state = RunState(
-                self.cfg.run.seed,
-                tuple(seeds),
-                Lineage.from_dict(state["lineage"]),
-                generation=g + 1,
-                generated=generated,
-                teachers=tensors.get("teachers", torch.empty(0)),
-            )
+            run_state = state_from_checkpoint(tensors, state, self.cfg.run.seed)
             self._restored = {"generation": g, "state": run_state, "records": records}
             return self._restored
         # Killed before its first checkpoint: it starts again, in the same MLflow run.
