@@ -10,11 +10,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from forkpop.experiments import core
 from forkpop.experiments.observers import DiversityProbe, GenerationRecord, HeldOutReport
-from forkpop.plugins import register, resolve
 from forkpop.population.genome import default_genome_spec
 from forkpop.population.models import flat_weights, load_flat_weights, predict_many
 from forkpop.population.state import Evaluations, ForkPlan, RunState, Seed
@@ -25,6 +22,9 @@ from forkpop.selection.screens import agreement_screen, fitness_screen
 from forkpop.selection.strategies import STRATEGIES, Species, StrategyError, TeacherGroup
 from forkpop.workers.learner import ForkTask, LearnResult
 from forkpop.workers.pool import LocalPool
+from torch import nn
+
+from forkpop.plugins import register, resolve
 
 SPEC = default_genome_spec()
 
