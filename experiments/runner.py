@@ -86,8 +86,6 @@ class PopulationRun:
         self.run_root = Path(cfg.run.run_dir)
         self.run_dir = contained(self.run_root, f"{cfg.run.name}-s{cfg.run.seed}-{stamp}", "run.name")
         self.resume: dict | None = None
-        # Per species slot: generated transfer inputs, their pseudo-labels, their generation.
-        self._generated: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         if resume_dir is not None:  # continue that run: its directory, MLflow run and store
             self.run_dir = Path(resume_dir)
             self.resume = json.loads((self.run_dir / "run.json").read_text())
@@ -111,6 +109,7 @@ class PopulationRun:
                 check_address(address, self.allow_unauthenticated_ray)
         self.world = resolve("worlds", self.cfg.data.world, "data.world")(self.cfg)
         self.data = getattr(self.world, "data", None)  # the classification world's data bundle
+        self.world.build_model()  # a model factory that refuses its options fails here, before anything starts
 
     def learner_spec(self) -> Any:
         return self.world.learner_spec()
