@@ -47,6 +47,11 @@ class RunConfig(_Strict):
         "(at most one per 64 variants with the batched engine).",
     )
     num_cpus: int | None = Field(None, ge=1, description="CPUs for a locally started Ray; None: all.")
+    reachable_ray: bool = Field(
+        False,
+        description="Start the local Ray on this machine's network address so that other nodes can join "
+        "(needs Ray token authentication configured); off: it listens on loopback only.",
+    )
     cpus_per_worker: float = Field(
         1.0, gt=0, description="CPUs each Ray actor asks for (Ray's num_cpus); actors never outnumber the slots."
     )

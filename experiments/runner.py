@@ -146,7 +146,7 @@ class PopulationRun:
         if self.cfg.run.backend == "ray":
             from forkpop.workers.ray_pool import ensure_ray
 
-            ensure_ray(self.address, self.cfg.run.num_cpus, self.allow_unauthenticated_ray)
+            ensure_ray(self.address, self.cfg.run.num_cpus, self.allow_unauthenticated_ray, self.cfg.run.reachable_ray)
         return make_pool(
             self.cfg.run.backend,
             self.learner_spec(),

@@ -29,10 +29,11 @@ def tracking_uri(tmp_path) -> str:
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """A real local Ray for the whole test session: 2 CPUs, no dashboard, loopback only."""
+    """A real local Ray for the whole test session: 2 CPUs, no dashboard, listening on loopback only."""
     import ray
+    from forkpop.workers.ray_pool import start_local_ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+        start_local_ray(2)
     yield ray
     ray.shutdown()

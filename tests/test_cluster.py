@@ -29,6 +29,8 @@ from forkpop.experiments.tracking import lineage_from_mlflow
 pytestmark = pytest.mark.cluster
 
 BIN = Path(sys.executable).parent
+# `ray start` with each node on loopback only (see loopback_ray.py)
+RAY_START = [sys.executable, Path(__file__).parent / "loopback_ray.py", "start"]
 GENERATIONS, SIZE = 4, 8
 EXPERIMENT = [
     "digits",
@@ -155,14 +157,14 @@ class Services:
         node += ["--min-worker-port", "0", "--max-worker-port", "0", "--object-store-memory", str(100 * 2**20)]
         node += ["--disable-usage-stats", "--block"]
         head = self.spawn(
-            [BIN / "ray", "start", "--head", "--port", self.ray_port, "--include-dashboard", "false"]
+            [*RAY_START, "--head", "--port", self.ray_port, "--include-dashboard", "false"]
             + ["--dashboard-port", _free_port(), "--dashboard-agent-listen-port", _free_port()]
             + ["--temp-dir", self.root / "head", *node],
             "head.log",
         )
         _wait(lambda: self.started("head"), 120, "ray head", head)
         second = self.spawn(
-            [BIN / "ray", "start", "--address", self.address, "--resources", json.dumps({"node2": 1})]
+            [*RAY_START, "--address", self.address, "--resources", json.dumps({"node2": 1})]
             + ["--dashboard-agent-listen-port", _free_port(), "--temp-dir", self.root / "node2", *node],
             "node2.log",
         )
@@ -291,6 +293,16 @@ def cluster_run(cluster) -> dict:
     )
     assert rc == 0, err[-3000:]
     return _summary(cluster, "calm")
+
+
+def test_the_two_node_cluster_and_the_tracking_server_listen_on_loopback_only(cluster, cluster_run):
+    from sockets import is_loopback, listening, network_address, reachable
+
+    seen = set().union(*(listening(p.pid) for p in cluster.procs if p.poll() is None))
+    assert {"gcs_server", "raylet"} <= {name for name, _, _ in seen} and len(seen) >= 5, seen
+    assert all(is_loopback(ip) for _, ip, _ in seen), sorted(s for s in seen if not is_loopback(s[1]))
+    ip = network_address()
+    assert ip is None or not any(reachable(ip, port) for _, _, port in seen)
 
 
 def test_a_run_spreads_over_both_nodes_and_its_whole_lineage_is_on_the_server(cluster, cluster_run):

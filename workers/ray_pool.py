@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -43,7 +46,7 @@ def token_auth_configured() -> bool:
 def check_address(address: str, allow_insecure: bool = False) -> None:
     """Refuse a Ray address off this machine unless token authentication is configured (see
     :func:`token_auth_configured`) or ``allow_insecure`` (``--allow-unauthenticated-ray``)."""
-    host = address.split("://")[-1].rsplit(":", 1)[0] if address not in ("auto", "local") else "127.0.0.1"
+    host = _host(address)
     if host in LOOPBACK or allow_insecure or token_auth_configured():
         return
     raise ClusterError(
@@ -53,18 +56,88 @@ def check_address(address: str, allow_insecure: bool = False) -> None:
     )
 
 
-def ensure_ray(address: str | None = None, num_cpus: int | None = None, allow_insecure: bool = False) -> None:
-    """Connect to ``address`` (or ``RAY_ADDRESS``), or start a local Ray on loopback, no dashboard."""
+def ensure_ray(
+    address: str | None = None, num_cpus: int | None = None, allow_insecure: bool = False, reachable: bool = False
+) -> None:
+    """Connect to ``address`` (or ``RAY_ADDRESS``), or start a local Ray, no dashboard.
+
+    A local Ray listens on loopback only (:func:`start_local_ray`); ``reachable`` starts it on
+    the machine's address instead, so other nodes can join, and then needs Ray's token
+    authentication configured (see :func:`token_auth_configured`).
+    """
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address:
         check_address(address, allow_insecure)
-    kwargs: dict = dict(include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
-    if address:
-        ray.init(address=address, **kwargs)
+        if _host(address) in LOOPBACK:  # a cluster on loopback: reached on loopback
+            with _loopback_only(own_token=False):
+                ray.init(address=address, **_INIT)
+        else:
+            ray.init(address=address, **_INIT)
+    elif reachable:
+        if not token_auth_configured():
+            raise ClusterError(
+                "run.reachable_ray starts a Ray that other machines can reach: configure Ray token "
+                "authentication first (RAY_AUTH_MODE=token and RAY_AUTH_TOKEN, or `ray get-auth-token --generate`)"
+            )
+        ray.init(num_cpus=num_cpus, **_INIT)
     else:
-        ray.init(num_cpus=num_cpus, _node_ip_address="127.0.0.1", **kwargs)
+        start_local_ray(num_cpus)
+
+
+_INIT: dict = dict(include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
+# One per process: Ray keeps the first token it reads for the life of the process, so every
+# local Ray this process starts (a notebook's second run) gets the same one.
+_TOKEN = secrets.token_hex(32)
+
+
+def _host(address: str) -> str:
+    if address in ("auto", "local"):
+        return "127.0.0.1"
+    host = address.split("://")[-1].rsplit(":", 1)[0]
+    return host.strip("[]") if host.startswith("[") else host
+
+
+def start_local_ray(num_cpus: int | None = None, **kwargs: object) -> None:
+    """Start a Ray on this machine that no other machine can reach (see :func:`_loopback_only`)."""
+    with _loopback_only(own_token=True):
+        ray.init(num_cpus=num_cpus, _node_ip_address="127.0.0.1", **{**_INIT, **kwargs})
+
+
+@contextmanager
+def _loopback_only(own_token: bool) -> Iterator[None]:
+    """Ray on loopback for what starts or connects inside.
+
+    Ray 2.60 turns a loopback node address into the machine's network address on Linux, and
+    its gRPC servers then listen on every interface. Its loopback-only mode (the one it uses
+    on macOS and Windows: ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``) keeps the node address on
+    loopback, and every server (GCS, raylet, workers, the driver, the runtime-env agent)
+    binds it. Ray's processes read it from their environment, this one from the flag it
+    parsed at import: both are set. With ``own_token``, unless the user configured Ray's token
+    authentication, the run also gets a random token (one per process, never logged), so a
+    process of another user on this machine cannot submit work either. The environment is
+    restored afterwards: processes started later (a tracking server, a second Ray) do not
+    inherit it.
+    """
+    from ray._private import ray_constants
+
+    env = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    if own_token and not token_auth_configured():
+        env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=_TOKEN)
+    saved = {k: os.environ.get(k) for k in env}
+    flag = getattr(ray_constants, "ENABLE_RAY_CLUSTER", None)
+    os.environ.update(env)
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = flag
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 INLINE_BYTES = 1 << 20
