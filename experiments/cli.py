@@ -48,7 +48,6 @@ def _launch(args: argparse.Namespace, cfg, resume_dir: Path | None = None) -> in
     from forkpop.experiments.checkpoint import CheckpointError
     from forkpop.experiments.config import ConfigError
     from forkpop.experiments.runner import PopulationRun
-    from forkpop.experiments.specs import model_spec
     from forkpop.experiments.tracking import TrackingError, TrackingUnreachable, redact
     from forkpop.workers.data import DataError
     from forkpop.workers.pool import ClusterError
@@ -57,11 +56,10 @@ def _launch(args: argparse.Namespace, cfg, resume_dir: Path | None = None) -> in
 
     if args.backend:
         cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"backend": args.backend})})
-    if getattr(args, "reachable_ray", False):
+    if args.reachable_ray:
         cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"reachable_ray": True})})
     try:
-        model_spec(cfg)  # the model family resolves (its module imports) before anything is recorded
-        run = PopulationRun(
+        run = PopulationRun(  # resolves the model family: a bad one fails before anything is recorded
             cfg,
             tracking_uri=args.tracking_uri,
             address=args.address,
@@ -313,12 +311,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="study", help="folder for study.json and the comparison plots")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key of every mode")
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default as for run)")
-    p.add_argument(
-        "--reachable-ray",
-        action="store_true",
-        help="start the local Ray on this machine's network address so other nodes can join "
-        "(run.reachable_ray; needs Ray token authentication); by default it listens on loopback only",
-    )
     p.add_argument("--backend", choices=["ray", "local"], default=None, help="override run.backend")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_study)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -61,7 +60,7 @@ def start(world: World, run_seed: int, genome: Any, n_species: int = 1) -> RunSt
     root = Variant("g00-seed", genome, 0, Origin.SEED)
     lineage = Lineage()
     lineage.add(root)
-    seed = Seed(root, weights, world.fitness(world.build_model(), weights))
+    seed = Seed(root, weights, world.fitness(model, weights))
     return RunState(run_seed, (seed,) * n_species, lineage)
 
 
@@ -178,7 +177,3 @@ class _Clock:
         now = time.perf_counter()
         self.secs[name] = now - self._t
         self._t = now
-
-
-def finite(values: list[float]) -> list[float]:
-    return [v for v in values if math.isfinite(v)]

@@ -166,9 +166,7 @@ class DiversityProbe(Observer):
             p = ev.probs("probe", alive).double().numpy()
             labels = self.world.labels("probe")
             out.update(functional_diversity(p, None if labels is None else labels.numpy()))
-            rows = {i: k for k, i in enumerate(ev.live)}
-            hidden = ev.hidden("probe")
-            out.update(representation_similarity([hidden[rows[i]].double().numpy() for i in alive] if hidden else []))
+            out.update(representation_similarity([h.double().numpy() for h in ev.hidden("probe", alive)]))
             matrix["disagreement"] = disagreement_matrix(p).round(4).tolist()
         out.update(lineage_stats(r.state.lineage, r.generation))
         out["alive"] = float(len(alive))
@@ -236,10 +234,11 @@ class Tracking(Observer):
 
     def on_generation(self, r: GenerationResult, record: GenerationRecord) -> None:
         t, ev = self.tracker, r.evals
-        for st, ok, test in zip(r.students, r.accepted, r.figures.get("student_test", []), strict=False):
+        tests = r.figures.get("student_test", [])
+        for j, (st, ok) in enumerate(zip(r.students, r.accepted, strict=True)):
             t.log_variant(
                 st.variant,
-                {"val_accuracy": st.val, "test_accuracy": test},
+                {"val_accuracy": st.val, **({"test_accuracy": tests[j]} if j < len(tests) else {})},
                 tags={"forkpop.accepted": str(ok).lower(), "forkpop.species": str(st.slot)},
             )
         curves = {x.variant_id: {"preq_accuracy": x.preq_accuracy, "loss": x.loss} for x in ev.results}

@@ -160,7 +160,8 @@ class PopulationRun:
     def run(self) -> RunSummary:
         t_start = time.perf_counter()
         torch.set_num_threads(self.cfg.run.torch_threads)
-        self.load_data()
+        if getattr(self, "world", None) is None:  # the CLI loads it first, to fail before anything starts
+            self.load_data()
         # MLflow starts on its writer thread while Ray and the actors come up here.
         tracker = self._start_tracker()
         pool: Pool | None = None

@@ -135,10 +135,8 @@ def run(
     its config and checkpoints); ``tracking_uri``/``address`` as ``--tracking-uri``/``--address``.
     """
     from forkpop.experiments.runner import PopulationRun
-    from forkpop.experiments.specs import model_spec
 
     cfg = make_config(config, overrides, seed, backend)
-    model_spec(cfg)  # the model family resolves before anything starts or is recorded
     pr = PopulationRun(cfg, tracking_uri=tracking_uri, address=address, progress=progress, tracking=tracking)
     pr.load_data()
     # As --summary and summary.json hold it (JSON: tuples are lists, unknown types strings).

@@ -187,28 +187,17 @@ def add_import_roots(roots: tuple[str, ...] | list[str]) -> None:
         importlib.invalidate_caches()
 
 
-def call_with(factory: Callable[..., Any], *args: Any, **options: Any) -> Any:
-    """``factory(*args, **options)``, dropping options it does not take (unless it takes ``**kw``)."""
+def accepts(factory: Callable[..., Any], name: str, through_kwargs: bool = True) -> bool:
+    """Whether ``factory`` takes the keyword argument ``name``: by that name, or (with
+    ``through_kwargs``) any name through ``**kw``. A signature that cannot be read counts as
+    taking it only with ``through_kwargs``."""
     import inspect
 
     try:
         params = inspect.signature(factory).parameters
     except (TypeError, ValueError):
-        return factory(*args, **options)
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return factory(*args, **options)
-    return factory(*args, **{k: v for k, v in options.items() if k in params})
-
-
-def accepts(factory: Callable[..., Any], name: str) -> bool:
-    """Whether ``factory`` takes the keyword argument ``name`` (or any, through ``**kw``)."""
-    import inspect
-
-    try:
-        params = inspect.signature(factory).parameters
-    except (TypeError, ValueError):
-        return True
+        return through_kwargs
     p = params.get(name)
     if p is not None:
         return p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-    return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    return through_kwargs and any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())

@@ -108,7 +108,7 @@ def build_model(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         try:
-            model = plugins.call_with(factory, in_dim, n_classes, **opts)
+            model = factory(in_dim, n_classes, **opts)  # every option is one it takes (checked above)
         except Exception as e:
             msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
             raise plugins.PluginError(

@@ -40,7 +40,6 @@ class RunState:
     generation: int = 0
     generated: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     teachers: torch.Tensor = field(default_factory=lambda: torch.empty(0))
-    history: tuple[Any, ...] = ()  # one record per finished generation
 
     def rng(self, generation: int | None = None) -> np.random.Generator:
         g = self.generation if generation is None else generation
@@ -129,7 +128,11 @@ class Evaluations:
             self._memo[key] = compute()
         return self._memo[key]
 
-    def hidden(self, split: str = "probe") -> list[torch.Tensor]:
-        """The live variants' last hidden representations on ``split``."""
+    def hidden(self, split: str = "probe", which: list[int] | None = None) -> list[torch.Tensor]:
+        """The last hidden representations of variants ``which`` (default: the live ones) on
+        ``split``; empty where the world gives none."""
         self.probs(split)
-        return self._cache[split][1]
+        hid = self._cache[split][1]
+        if which is None or not hid:
+            return hid
+        return [hid[self._row[i]] for i in which]

@@ -26,7 +26,7 @@ class World(ABC):
     elitism), ``"transfer"`` (inputs distillation may use) and ``"test"`` (reported only).
     """
 
-    #: registered name of the world (``data.source`` resolves to it)
+    #: the world's name (recorded as the run's ``forkpop.world`` tag)
     name: str = "world"
 
     # -- data -------------------------------------------------------------------------------
@@ -55,8 +55,8 @@ class World(ABC):
     @abstractmethod
     def learner_spec(self) -> Any:
         """A picklable spec the pool ships to its workers; each builds its learner from it
-        (``make_learner(spec)`` of the world's module), which forks and learns online — the
-        learning step's objective lives there, next to the data it reads."""
+        (:func:`forkpop.workers.learner.build_learner`: ``spec.learner`` names it), which forks
+        and learns online — the learning step's objective lives there, next to the data it reads."""
 
     # -- fitness and outputs ---------------------------------------------------------------
     @abstractmethod

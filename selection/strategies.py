@@ -151,11 +151,6 @@ class Species(Strategy):
         self.merge_last = merge_last
         self.generations = generations
 
-    def __getattr__(self, name: str):  # noqa: ANN204 - the inner strategy's settings (size, spec, ...)
-        if name == "inner":
-            raise AttributeError(name)
-        return getattr(self.inner, name)
-
     def merged(self, g: int) -> bool:
         return g < self.species_from or (self.merge_last and g == self.generations - 1)
 

@@ -54,21 +54,11 @@ class ModelSpec:
         add_import_roots(self.import_roots)
         opts = self.kwargs
         if input_shape is not None and len(input_shape) > 1 and "input_shape" not in opts:
-            from forkpop.plugins import resolve
+            from forkpop.plugins import accepts, resolve
 
-            if "input_shape" in _named_parameters(resolve("models", self.family, "model.family")):
+            if accepts(resolve("models", self.family, "model.family"), "input_shape", through_kwargs=False):
                 opts["input_shape"] = tuple(input_shape)
         return build_model(self.family, in_dim, n_classes, self.hidden, seed, options=opts)
-
-
-def _named_parameters(fn: Any) -> set[str]:
-    """The parameter names ``fn`` declares (not counting ``**kw``)."""
-    import inspect
-
-    try:
-        return set(inspect.signature(fn).parameters)
-    except (TypeError, ValueError):
-        return set()
 
 
 @dataclass(frozen=True)
