@@ -134,13 +134,31 @@ class DataConfig(_Strict):
     standardize: bool | None = Field(
         None, description="Standardize inputs with the training split's mean/std; None: on for files, off for digits."
     )
-    val_fraction: float = Field(0.05, gt=0, lt=1, description="Share of the non-test data held out for fitness.")
+    val_fraction: float = Field(
+        0.08,
+        gt=0,
+        lt=1,
+        description="Share of the non-test data held out as the validation split: fitness, screens, novelty, "
+        "species and the distillation's early stopping.",
+    )
+    accept_fraction: float = Field(
+        0.08,
+        ge=0,
+        lt=1,
+        description="Share of the non-test data held out as the acceptance split: only elitism's paired test "
+        "reads it; 0: elitism reads the validation split.",
+    )
+    split_seed: int = Field(
+        0, ge=0, description="Seeds the test, validation and acceptance splits (0: scikit-learn's random_state=0)."
+    )
     partition: Literal["iid", "dirichlet", "shards"] = Field("dirichlet", description="How niches are cut.")
     n_niches: int | None = Field(None, ge=1, description="Number of niches; None: one per variant.")
     alpha: float = Field(0.3, gt=0, description="Dirichlet concentration over labels (smaller: more skewed).")
     shards_per_niche: int = Field(2, ge=1, description="Label shards per niche for partition=shards.")
     min_niche_size: int = Field(8, ge=1, description="Smallest niche a Dirichlet draw may leave.")
-    seed: int = Field(0, ge=0, description="Seeds the partition (kept fixed so runs compare).")
+    seed: int = Field(
+        0, ge=0, description="Seeds the partition into niches (independent of run.seed: studies vary both)."
+    )
     batch_size: int = Field(16, ge=1, description="Mini-batch size of the niche streams.")
     poison: PoisonConfig = Field(default_factory=PoisonConfig, description="Poisoned niches (Tay scenario).")
     audit: AuditConfig = Field(default_factory=AuditConfig, description="Label audit of the niches against the seed.")
@@ -224,13 +242,18 @@ class PopulationConfig(_Strict):
 
 class SelectionConfig(_Strict):
     method: str = Field(
-        "best",
-        description="The strategy choosing teachers: best, tournament, nsga2 (NSGA-II over fitness and "
-        "novelty), or a plug-in by registered name, import path package.module:attr or entry point.",
+        "niche",
+        description="The strategy choosing teachers: niche (the fittest of each niche), best, tournament, nsga2 "
+        "(NSGA-II over fitness and novelty), random (a control), or a plug-in by registered name, import path "
+        "package.module:attr or entry point.",
     )
     k: int | None = Field(
-        None, ge=1, description="Teachers distilled into the next seed; None: every variant (nsga2: half)."
+        None,
+        ge=1,
+        description="Teachers distilled into the next seed; None: every variant (nsga2: half; niche: "
+        "per_niche of each niche).",
     )
+    per_niche: int = Field(1, ge=1, description="With method=niche: the fittest of each niche that teach.")
     tournament_size: int = Field(3, ge=2, description="Tournament size for method=tournament.")
     inherit: Literal["crossover", "best", "choice"] = Field("crossover", description="Seed genome from teachers.")
     screen: float = Field(
@@ -322,7 +345,24 @@ class DistillConfig(_Strict):
         le=1,
         description="With species: share of each seed's soft targets from the other clusters' teachers.",
     )
-    elitism: bool = Field(True, description="Keep the old seed when the student is worse on validation.")
+    own_niche: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="Share of each transfer input's soft target taken from the teachers that learned its niche "
+        "(the rest from the whole group); 0: every teacher speaks alike on every input.",
+    )
+    elitism: bool = Field(
+        True,
+        description="A student replaces its seed only when it is better with confidence on the acceptance split "
+        "(data.accept_fraction): a paired test, see accept_z; off: every student is accepted.",
+    )
+    accept_z: float = Field(
+        1.0,
+        ge=0,
+        description="With elitism: the student's mean per-sample gain over the seed must be positive and at least "
+        "this many standard errors (1: one standard error; 0: any gain).",
+    )
 
     @field_validator("method")
     @classmethod
@@ -339,8 +379,10 @@ class TrackingConfig(_Strict):
     experiment: str = Field("forkpop", description="MLflow experiment name.")
     step_metrics: Literal["batch", "epoch", "none"] = Field(
         "epoch",
-        description="Variant curves as MLflow metrics: per batch (preq_accuracy, loss), per pass over the "
-        "niche (preq_accuracy_epoch, loss_epoch), or none. Full per-batch curves are always in steps/ artifacts.",
+        description="Variant curves as MLflow metrics: per batch (preq_accuracy over the first pass, "
+        "train_accuracy over later passes, loss), per pass over the niche (preq_accuracy_epoch: the first pass, "
+        "train_accuracy_epoch: the later ones, loss_epoch), or none. Full per-batch curves are always in steps/ "
+        "artifacts.",
     )
     collapse_window: int = Field(
         3,
@@ -371,6 +413,10 @@ class ExperimentConfig(_Strict):
             raise ValueError(
                 f"selection.k={self.selection.k} exceeds population.size={self.population.size}; lower selection.k"
             )
+        if self.data.val_fraction + self.data.accept_fraction >= 0.9:
+            raise ValueError(
+                "data.val_fraction + data.accept_fraction leave under a tenth of the data for learning; lower them"
+            )
         if self.data.source == "file" and not self.data.path:
             raise ValueError("data.source is 'file' but data.path is not set; set data.path")
         if self.data.poison.niches > self.n_niches:
@@ -390,6 +436,8 @@ class ExperimentConfig(_Strict):
         """``selection.k``; unset, every variant (NSGA-II: half of them, or it would choose all)."""
         if self.selection.k:
             return self.selection.k
+        if self.selection.method == "niche":
+            return min(self.population.size, self.n_niches * self.selection.per_niche)
         return max(1, self.population.size // 2) if self.selection.method == "nsga2" else self.population.size
 
     @property

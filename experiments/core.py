@@ -43,6 +43,7 @@ class GenerationResult:
     rng_state: dict
     started: float
     history: tuple[Any, ...] = ()
+    acceptance: list[dict[str, float]] = field(default_factory=list)  # elitism's paired test, per student
     figures: dict[str, Any] = field(default_factory=dict)  # what the observers measured (their ``measure``)
     model: torch.nn.Module | None = field(default=None, repr=False)
 
@@ -75,13 +76,19 @@ def evolve(
     distiller: Distiller,
     elitism: bool,
     report: Callable[[GenerationResult, float | None], None],
+    accept_z: float = 1.0,
 ) -> RunState:
     """Run generations ``state.generation .. generations - 1``; returns the last state.
+
+    With ``elitism`` a student replaces its seed only when it is better with confidence on
+    the world's acceptance split: the mean paired gain is positive and at least ``accept_z``
+    standard errors (:class:`PairedElitism`).
 
     ``report(result, t_next)`` (the observers) runs for generation g while the workers learn
     generation g + 1 (``t_next``: when that one started), and after the last one (None).
     """
     model = world.build_model()  # the template every weight vector is loaded into
+    judge = PairedElitism(world, model, accept_z)
     pending: GenerationResult | None = None
     try:
         for g in range(state.generation, generations):
@@ -97,11 +104,12 @@ def evolve(
             groups = strategy.tell(state, evals, set().union(*screened.values()), rng)
             clock.lap("select")
             students = [distiller(world, model, state, grp, evals, rng) for grp in groups]
-            after, accepted = accept(state, evals, groups, students, elitism)
+            judge.log = []
+            after, accepted = accept(state, evals, groups, students, elitism, judge)
             clock.lap("distill")
             pending = GenerationResult(
                 g, state, after, plan, evals, screened, groups, students, accepted, clock.secs,
-                rng.bit_generator.state, clock.started, model=model,
+                rng.bit_generator.state, clock.started, acceptance=judge.log, model=model,
             )  # fmt: skip
             state = after
     finally:  # the last report, or the one an interruption left pending
@@ -138,12 +146,56 @@ def collect(
     return Evaluations(plan, weights, results, fitness, handle[1], predict)
 
 
+class PairedElitism:
+    """Whether a student is better than a seed with confidence: on the world's acceptance
+    scores (:meth:`World.acceptance_scores`, one per sample), the paired differences ``d``
+    must have a positive mean of at least ``z`` standard errors (``z = 0``: any gain). A world
+    without acceptance scores falls back to probe fitness, ``student > seed``. Each decision's
+    figures are appended to ``log`` (gain, its z, samples that differ)."""
+
+    def __init__(self, world: World, model: torch.nn.Module, z: float = 1.0):
+        self.world, self.model, self.z = world, model, z
+        self.log: list[dict[str, float]] = []
+
+    def __call__(self, student: Student, seed: Seed) -> bool:
+        a = self.world.acceptance_scores(self.model, student.weights)
+        if a is None:
+            ok = student.val > seed.val
+            self.log.append({"gain": student.val - seed.val, "z": float("nan"), "differ": float("nan")})
+            return ok
+        b = self.world.acceptance_scores(self.model, seed.weights)
+        gain, z, differ = paired_gain(a, b)
+        ok = gain > 0 and z >= self.z
+        self.log.append({"gain": gain, "z": z, "differ": differ})
+        return ok
+
+
+def paired_gain(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float, float]:
+    """Mean of ``a - b`` (per-sample scores of two models on the same samples), that mean in
+    standard errors (inf when every difference is the same positive number) and how many
+    samples differ."""
+    d = (a - b).double()
+    n = len(d)
+    if n == 0:
+        return 0.0, float("nan"), 0.0
+    mean = float(d.mean())
+    se = float(d.std(unbiased=True)) / n**0.5 if n > 1 else 0.0
+    z = mean / se if se > 0 else (float("inf") if mean > 0 else 0.0)
+    return mean, z, float((d != 0).sum())
+
+
 def accept(
-    state: RunState, evals: Evaluations, groups: list[TeacherGroup], students: list[Student], elitism: bool
+    state: RunState,
+    evals: Evaluations,
+    groups: list[TeacherGroup],
+    students: list[Student],
+    elitism: bool,
+    judge: Callable[[Student, Seed], bool] | None = None,
 ) -> tuple[RunState, list[bool]]:
-    """The next state: forks and students join the lineage; a student replaces its slot's
-    seed unless elitism keeps a seed at least as fit (a merged student competes with the best
-    seed and takes every slot)."""
+    """The next state: forks and students join the lineage; with ``elitism`` a student
+    replaces its slot's seed only when ``judge(student, seed)`` says it is better (None:
+    probe fitness at least the seed's); a merged student competes with the best seed and
+    takes every slot."""
     lineage = Lineage.from_dict(state.lineage.to_dict())
     for v in evals.variants:
         lineage.add(v)
@@ -152,8 +204,8 @@ def accept(
         lineage.add(st.variant)
         if st.pool is not None:
             generated[st.slot] = st.pool
-        rival = max(s.val for s in seeds) if st.merge else seeds[st.slot].val
-        ok = not elitism or st.val >= rival
+        rival = seeds[max(range(len(seeds)), key=lambda j: (seeds[j].val, -j))] if st.merge else seeds[st.slot]
+        ok = not elitism or (judge(st, rival) if judge is not None else st.val >= rival.val)
         if ok and st.merge:
             seeds = [Seed(st.variant, st.weights, st.val)] * len(seeds)
         elif ok:

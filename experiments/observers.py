@@ -58,6 +58,10 @@ class GenerationRecord:
     unaudited_poisoned_teachers: int = 0  # poisoned teachers that learned labels the audit left as they were
     transfer_real_fraction: float = 1.0  # lowest share of real inputs in a distillation's transfer set
     transfer_generated: int = 0  # generated, pseudo-labelled inputs in the transfer sets
+    accept_gain: float = float("nan")  # the best student's mean paired gain over its seed on the acceptance split
+    accept_z: float = float("nan")  # that gain in standard errors (elitism accepts at distill.accept_z or more)
+    student_entropy: float = float("nan")  # the best student's prediction entropy on the validation split (nats)
+    genes: dict[str, float] = field(default_factory=dict)  # mean gene of the forks, and teacher.<gene> of the teachers
     seconds: dict[str, float] = field(default_factory=dict)
     diversity: dict[str, float] = field(default_factory=dict)  # see population.diversity
 
@@ -68,6 +72,7 @@ class GenerationRecord:
             if isinstance(v, (int, float, bool)) and k not in ("generation",) and math.isfinite(float(v))
         }
         m.update({f"time_{k}": v for k, v in self.seconds.items()})
+        m.update({f"gene.{k}": v for k, v in self.genes.items() if math.isfinite(v)})
         m.update({f"div.{k}": v for k, v in self.diversity.items() if math.isfinite(v)})
         return m
 
@@ -79,6 +84,8 @@ class GenerationRecord:
         ok = [f for f in ev.fitness if math.isfinite(f)]
         teachers = r.teacher_ids
         screened = r.screened.get("peer_labels", set())
+        best = max(range(len(r.students)), key=lambda j: r.students[j].val, default=None)
+        acc = r.acceptance[best] if best is not None and best < len(r.acceptance) else {}
         return cls(
             generation=r.generation,
             seed_id=seed.variant.id,
@@ -104,7 +111,24 @@ class GenerationRecord:
             collapse_alarm=bool(figures.get("collapse_alarm", False)),
             backdoor_success=figures.get("backdoor_success", float("nan")),
             diversity=figures.get("diversity", {}),
+            accept_gain=acc.get("gain", float("nan")),
+            accept_z=acc.get("z", float("nan")),
+            student_entropy=figures.get("student_entropy", float("nan")),
+            genes=gene_means(ev.variants, teachers),
         )
+
+
+def gene_means(variants: Any, teachers: list[int]) -> dict[str, float]:
+    """Each gene's mean over the generation's forks (``lr``, ...) and over its teachers
+    (``teacher.lr``, ...): the genes' trajectory across generations."""
+    out: dict[str, float] = {}
+    names = list(variants[0].genome.as_dict()) if len(variants) else []
+    for name in names:
+        vals = [float(v.genome.as_dict()[name]) for v in variants]
+        out[name] = float(np.mean(vals))
+        if teachers:
+            out[f"teacher.{name}"] = float(np.mean([vals[i] for i in teachers]))
+    return out
 
 
 class Observer:
@@ -241,7 +265,10 @@ class Tracking(Observer):
                 {"val_accuracy": st.val, **({"test_accuracy": tests[j]} if j < len(tests) else {})},
                 tags={"forkpop.accepted": str(ok).lower(), "forkpop.species": str(st.slot)},
             )
-        curves = {x.variant_id: {"preq_accuracy": x.preq_accuracy, "loss": x.loss} for x in ev.results}
+        curves = {
+            x.variant_id: {"preq_accuracy": x.preq_accuracy, "train_accuracy": x.train_accuracy, "loss": x.loss}
+            for x in ev.results
+        }
         t.log_text(json.dumps(curves), f"steps/gen-{r.generation:04d}.json")
         teacher_ids = {ev.variants[i].id for i in r.teacher_ids}
         label_screened = r.screened.get("peer_labels", set())
@@ -262,6 +289,8 @@ class Tracking(Observer):
                 final["val_accuracy"] = x.val_accuracy
             if x.preq_accuracy:
                 final["preq_accuracy_final"] = x.preq_accuracy[-1]
+            if getattr(x, "train_accuracy", None):
+                final["train_accuracy_final"] = x.train_accuracy[-1]
             t.log_variant(v, final, step_metrics(x, self.step_metrics), tags)
         for name, text in r.figures.get("artifacts", {}).items():
             t.log_text(text, name)
@@ -325,13 +354,16 @@ class Progress(Observer):
 
 def step_metrics(x: Any, mode: str) -> dict[str, list[float]] | None:
     """A variant's learning curve as MLflow metric series, at the resolution ``mode`` asks for."""
+    train = list(getattr(x, "train_accuracy", []))
     if mode == "batch":
-        return {"preq_accuracy": x.preq_accuracy, "loss": x.loss}
+        return {"preq_accuracy": x.preq_accuracy, "train_accuracy": train, "loss": x.loss}
     if mode == "epoch":
         bounds = [0, *x.epoch_ends]
         spans = [(a, b) for a, b in zip(bounds, bounds[1:], strict=False) if b > a]
+        first = len(x.preq_accuracy)  # steps of the first pass
         return {
-            "preq_accuracy_epoch": [x.preq_accuracy[b - 1] for _, b in spans],
+            "preq_accuracy_epoch": [x.preq_accuracy[-1]] if first else [],  # the first pass only: unseen data
+            "train_accuracy_epoch": [train[b - 1 - first] for a, b in spans if a >= first and b - 1 - first < len(train)],
             "loss_epoch": [float(np.mean(x.loss[a:b])) for a, b in spans],
         }
     return None

@@ -37,7 +37,7 @@ from forkpop.selection.screens import fitness_screen, peer_label_screen_of
 from forkpop.selection.strategies import Species, Strategy
 from forkpop.workers.pool import Pool, make_pool, peak_rss_bytes
 
-from forkpop.plugins import resolve
+from forkpop.plugins import accepts, resolve
 
 __all__ = ["GenerationRecord", "PopulationRun", "RunSummary", "build_distiller", "build_strategy"]
 
@@ -222,6 +222,7 @@ class PopulationRun:
             screens=build_screens(cfg, world),
             distiller=build_distiller(cfg),
             elitism=cfg.distill.elitism,
+            accept_z=cfg.distill.accept_z,
             report=partial(_report, observers, history, totals, world.poisoned()),
         )
         observers[-1].close()  # the progress bar
@@ -305,6 +306,7 @@ def build_strategy(cfg: ExperimentConfig) -> Strategy:
     species strategy when ``selection.species`` > 1."""
     sel, pop = cfg.selection, cfg.population
     cls = resolve("strategies", sel.method, "selection.method")
+    extra = {"per_niche": sel.per_niche} if accepts(cls, "per_niche", through_kwargs=False) else {}
     inner = cls(
         pop.genome_spec(),
         pop.size,
@@ -314,6 +316,7 @@ def build_strategy(cfg: ExperimentConfig) -> Strategy:
         mutation_indpb=pop.mutation_indpb,
         rotate_niches=pop.rotate_niches,
         tournament_size=sel.tournament_size,
+        **extra,
     )
     if sel.species == 1:
         return inner
@@ -353,6 +356,7 @@ def build_distiller(cfg: ExperimentConfig) -> Distiller:
         eval_every=d.eval_every,
         screen=d.screen,
         species_mix=d.species_mix,
+        own_niche=d.own_niche,
         inherit=cfg.selection.inherit,
         generated=GeneratedSpec(**d.generated.model_dump()),
     )

@@ -23,6 +23,8 @@ def data_spec(cfg: ExperimentConfig) -> DataSpec:
         label=d.label,
         standardize=d.standardize,
         val_fraction=d.val_fraction,
+        accept_fraction=d.accept_fraction,
+        split_seed=d.split_seed,
         partition=d.partition,
         n_niches=cfg.n_niches,
         alpha=d.alpha,

@@ -23,7 +23,9 @@ class World(ABC):
     ``model`` is a template module the world built, loaded with each row in turn.
 
     Splits a world names: ``"probe"`` (selection's evidence: fitness, screens, novelty,
-    elitism), ``"transfer"`` (inputs distillation may use) and ``"test"`` (reported only).
+    the distillation's early stopping), ``"transfer"`` (inputs distillation may use),
+    optionally ``"accept"`` (elitism's evidence only, see :meth:`acceptance_scores`) and
+    ``"test"`` (reported only).
     """
 
     #: the world's name (recorded as the run's ``forkpop.world`` tag)
@@ -76,6 +78,14 @@ class World(ABC):
     def fitness_of(self, probs: torch.Tensor, split: str = "probe") -> torch.Tensor:
         """Fitness of each variant ``(n,)`` from its predictions ``(n, m, C)`` on ``split``."""
         raise NotImplementedError
+
+    def acceptance_scores(self, model: nn.Module, weights: torch.Tensor) -> torch.Tensor | None:
+        """Per-sample scores ``(m,)`` (higher is better) of one weight vector on the split that
+        decides whether a student replaces a seed: the ``accept`` split where the world holds
+        one, never the split fitness and early stopping read. Elitism compares a student with
+        its seed sample by sample (a paired test). None: the world has none, and elitism
+        compares probe fitness."""
+        return None
 
     # -- generated inputs (optional) --------------------------------------------------------
     def generate(

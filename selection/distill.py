@@ -92,6 +92,7 @@ def distill(
     probe: tuple[torch.Tensor, torch.Tensor] | None = None,
     eval_every: int = 0,
     extra: tuple[torch.Tensor, torch.Tensor] | None = None,
+    target: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, list[float]]:
     """Train a student from ``init`` on the teachers' aggregated soft targets.
 
@@ -104,7 +105,8 @@ def distill(
     ``extra`` (inputs, soft targets at ``temperature``) joins the transfer set with its
     targets as given: pseudo-labelled data from earlier generations.
     """
-    target = teacher_targets(model, teachers, fitnesses, transfer_x, temperature, aggregate, probe)
+    if target is None:
+        target = teacher_targets(model, teachers, fitnesses, transfer_x, temperature, aggregate, probe)
     if extra is not None:  # inputs whose soft targets are fixed already (earlier generations' labels)
         transfer_x = torch.cat([transfer_x, extra[0]])
         target = torch.cat([target, extra[1].to(target.dtype)])
@@ -129,6 +131,24 @@ def distill(
     if keep:
         return best_w, losses
     return flat_weights(model), losses
+
+
+def own_niche_targets(
+    base: torch.Tensor, probs: torch.Tensor, teacher_niche: Sequence[int], row_niche: torch.Tensor, share: float
+) -> torch.Tensor:
+    """Soft targets where each transfer input also hears the teachers that learned it.
+
+    ``base`` ``(n, C)`` are the group's aggregated targets, ``probs`` ``(t, n, C)`` each
+    teacher's, ``teacher_niche[t]`` the niche teacher ``t`` learned and ``row_niche[r]`` the
+    niche input ``r`` came from (-1: none). A row whose niche has teachers takes ``share`` of
+    its target from their mean and the rest from ``base``; other rows keep ``base``.
+    """
+    tn = torch.as_tensor(list(teacher_niche), dtype=torch.int64)
+    own = (tn[:, None] == row_niche[None, :]).to(probs.dtype)  # (t, n)
+    count = own.sum(0)
+    mine = torch.einsum("tn,tnc->nc", own, probs) / count.clamp_min(1)[:, None]
+    has = (count > 0).to(probs.dtype)[:, None] * share
+    return (1 - has) * base + has * mine
 
 
 @torch.no_grad()

@@ -14,7 +14,7 @@ from forkpop.population.genome import GenomeSpec
 from forkpop.population.state import Evaluations, RunState, seed_of
 from forkpop.population.variant import Origin, Variant
 from forkpop.population.world import World
-from forkpop.selection.distill import distill, student_init, teacher_targets
+from forkpop.selection.distill import distill, own_niche_targets, soft_targets, student_init, teacher_targets
 from forkpop.selection.operators import inherit_genome
 from forkpop.selection.screens import agreement_screen
 from forkpop.selection.strategies import TeacherGroup
@@ -74,6 +74,7 @@ class Distiller:
         eval_every: int = 25,
         screen: float = 0.0,
         species_mix: float = 0.0,
+        own_niche: float = 0.0,
         inherit: str = "crossover",
         generated: GeneratedSpec = GeneratedSpec(),
     ):
@@ -82,6 +83,7 @@ class Distiller:
         self.steps, self.lr, self.batch_size = steps, lr, batch_size
         self.aggregate, self.eval_every, self.screen = aggregate, eval_every, screen
         self.species_mix, self.inherit, self.generated = species_mix, inherit, generated
+        self.own_niche = own_niche
 
     def __call__(
         self,
@@ -106,10 +108,10 @@ class Distiller:
             tf += [fitness[i] * mix / other_f for i in others]
         x_all = world.inputs("transfer")
         if self.transfer == "all":
-            transfer = x_all
+            rows = np.arange(len(x_all))
         else:
-            idx = np.concatenate([world.niche_rows(variants[i].niche) for i in sources])
-            transfer = x_all[torch.from_numpy(np.sort(idx))]
+            rows = np.sort(np.concatenate([world.niche_rows(variants[i].niche) for i in sources]))
+        transfer = x_all[torch.from_numpy(rows)]
         probe = (world.inputs("probe"), world.labels("probe"))
         pool = self._generate(world, model, state, group.slot, transfer, tw, tf, probe)
         extra, real_fraction = None, 1.0
@@ -123,6 +125,16 @@ class Distiller:
             tf[:k],
             [world.niche_size(variants[i].niche) for i in members],
         )
+        target = None
+        if self.own_niche > 0:
+            row_niche = np.full(len(x_all), -1, dtype=np.int64)
+            for j in range(world.n_niches):
+                row_niche[world.niche_rows(j)] = j
+            probs = soft_targets(model, tw, transfer, self.temperature)
+            base = teacher_targets(model, tw, tf, transfer, self.temperature, self.aggregate, probe)
+            target = own_niche_targets(
+                base, probs, [variants[i].niche for i in sources], torch.from_numpy(row_niche[rows]), self.own_niche
+            )
         weights, _ = distill(
             model,
             init,
@@ -138,6 +150,7 @@ class Distiller:
             probe=probe,
             eval_every=self.eval_every,
             extra=extra,
+            target=target,
         )
         val = world.fitness(model, weights)
         genome = inherit_genome(self.spec, [variants[i].genome for i in members], tf[:k], self.inherit, seed_of(rng))

@@ -1,7 +1,8 @@
 """Strategies: plan the forks (``ask``) and turn evaluations into teacher groups (``tell``).
 
 A strategy only plans: it never moves weights or writes records. ``best``, ``tournament``
-and ``nsga2`` choose teachers by fitness (NSGA-II also by novelty); ``species`` wraps any of
+and ``nsga2`` choose teachers by fitness (NSGA-II also by novelty), ``niche`` the fittest of
+each niche, ``random`` any (a control); ``species`` wraps any of
 them and splits the chosen teachers into clusters of like-predicting variants, each of which
 distills its own seed. Users' strategies plug in by name or import path (``selection.method``).
 """
@@ -135,6 +136,39 @@ class NSGA2(Strategy):
         return select(eligible, self.k, "nsga2", seed_of(rng), self.tournament_size, novelty=distances(evals)[1])
 
 
+class PerNiche(Strategy):
+    """Variants compete within their niche: the ``per_niche`` fittest of each niche teach
+    (DEAP ``selBest`` inside each niche), so no niche's knowledge is lost while the worse
+    learners of a niche, and their genes, are. With more variants than niches (say 32 over
+    16) this is where selection acts; ``k``, when set, keeps only the ``k`` fittest of them."""
+
+    def __init__(self, *args, k: int | None = None, per_niche: int = 1, **kw) -> None:  # noqa: ANN002, ANN003
+        super().__init__(*args, k=k, **kw)
+        self.per_niche, self.k_cap = per_niche, k
+
+    def choose(self, eligible: list[float], evals: Evaluations, rng: np.random.Generator) -> list[int]:
+        seed = seed_of(rng)
+        by_niche: dict[int, list[int]] = {}
+        for i, v in enumerate(evals.variants):
+            by_niche.setdefault(v.niche, []).append(i)
+        chosen: list[int] = []
+        for members in by_niche.values():
+            picked = select([eligible[i] for i in members], self.per_niche, "best", seed)
+            chosen += [members[j] for j in picked]
+        chosen.sort(key=lambda i: (-eligible[i], i))  # best first
+        return chosen[: self.k_cap] if self.k_cap else chosen
+
+
+class Random(Strategy):
+    """``k`` live variants drawn at random teach, fitness ignored: the control that shows what
+    choosing by fitness is worth (``forkpop study selection``)."""
+
+    def choose(self, eligible: list[float], evals: Evaluations, rng: np.random.Generator) -> list[int]:
+        live = [i for i, f in enumerate(eligible) if np.isfinite(f)]
+        pick = np.random.default_rng(seed_of(rng)).permutation(live)[: self.k].tolist()
+        return sorted(pick, key=lambda i: (-eligible[i], i))
+
+
 class Species(Strategy):
     """Several seeds side by side: the teachers ``inner`` chooses are clustered by what they
     predict (Jensen-Shannon distance, average linkage) and each cluster distills the seed of
@@ -197,6 +231,12 @@ def _distances(evals: Evaluations) -> tuple[np.ndarray, list[float]]:
     return js, nov
 
 
-STRATEGIES: dict[str, type[Strategy]] = {"best": Best, "tournament": Tournament, "nsga2": NSGA2}
+STRATEGIES: dict[str, type[Strategy]] = {
+    "best": Best,
+    "tournament": Tournament,
+    "nsga2": NSGA2,
+    "niche": PerNiche,
+    "random": Random,
+}
 for _name, _cls in STRATEGIES.items():
     register("strategies", _name, _cls)

@@ -14,7 +14,8 @@ from torch import nn
 class ClassificationWorld(World):
     """Labelled feature vectors cut into niches; variants learn with cross-entropy (the
     learner and batched engine of :mod:`forkpop.workers.learner`), fitness is accuracy on the
-    validation split (``probe``), distillation uses every niche's inputs (``transfer``).
+    validation split (``probe``), distillation uses every niche's inputs (``transfer``) and
+    elitism the acceptance split (``accept``, where ``data.accept_fraction`` > 0).
 
     ``bundle`` is the loaded data (:func:`forkpop.workers.data.load_data`), ``spec`` what the
     workers rebuild it and the model from.
@@ -35,6 +36,9 @@ class ClassificationWorld(World):
             "transfer": torch.from_numpy(bundle.y_pool),
             "test": torch.from_numpy(bundle.y_test),
         }
+        if bundle.x_accept is not None:
+            self._x["accept"] = torch.from_numpy(bundle.x_accept)
+            self._y["accept"] = torch.from_numpy(bundle.y_accept)
 
     # -- data -------------------------------------------------------------------------------
     @property
@@ -81,6 +85,15 @@ class ClassificationWorld(World):
     def fitness(self, model: nn.Module, weights: torch.Tensor, split: str = "probe") -> float:
         """Accuracy on ``split``."""
         return accuracy(load_flat_weights(model, weights), self._x[split], self._y[split])
+
+    def acceptance_scores(self, model: nn.Module, weights: torch.Tensor) -> torch.Tensor:
+        """The log-probability of the true label of each ``accept`` input (the probe split's when
+        ``data.accept_fraction`` is 0), floored at log(1e-4): a proper score, so a paired test
+        resolves gains that 0/1 accuracy on a hundred samples cannot."""
+        split = "accept" if "accept" in self._x else "probe"
+        probs, _ = self.predict(model, weights[None], self._x[split])
+        p = probs[0].gather(1, self._y[split][:, None])[:, 0].double()
+        return p.clamp_min(1e-4).log()
 
     def fitness_of(self, probs: torch.Tensor, split: str = "probe") -> torch.Tensor:
         """Accuracy of each row of ``probs`` ``(n, m, C)`` on ``split``: ``(n,)``."""

@@ -30,6 +30,7 @@ class DataSpec:
     standardize: bool | None = None  # None: on for files, off for the bundled digits
     test_fraction: float = 0.3
     val_fraction: float = 0.1
+    accept_fraction: float = 0.0  # share of the non-test data held out as the acceptance split
     split_seed: int = 0
     partition: str = "dirichlet"
     n_niches: int = 16
@@ -85,6 +86,8 @@ class DataBundle:
     classes: tuple[str, ...] = ()
     input_shape: tuple[int, ...] = ()
     scaling: Scaling | None = None
+    x_accept: np.ndarray | None = None  # the acceptance split (None: none held out)
+    y_accept: np.ndarray | None = None
 
     @property
     def n_features(self) -> int:
@@ -455,7 +458,7 @@ def _load_file(path: str, label_column: int = -1, label: str | None = None) -> _
         raise DataError(f"{shown} could not be read ({type(e).__name__}: {msg}); fix the file") from None
 
 
-def _stratified_split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def _stratified_split(y: np.ndarray, fraction: float | int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     from sklearn.model_selection import train_test_split
 
     idx = np.arange(len(y))
@@ -481,6 +484,7 @@ class SplitPlan:
     val: np.ndarray
     test: np.ndarray
     niches: tuple[np.ndarray, ...]
+    accept: np.ndarray | None = None
 
 
 @functools.lru_cache(maxsize=4)
@@ -511,12 +515,14 @@ def _check_rows(spec: DataSpec, y: np.ndarray, classes: tuple[str, ...]) -> None
         )
     n_test = math.ceil(spec.test_fraction * len(y))
     n_val = math.ceil(spec.val_fraction * (len(y) - n_test))
-    n_pool = len(y) - n_test - n_val
+    n_accept = math.ceil(spec.accept_fraction * (len(y) - n_test))
+    n_pool = len(y) - n_test - n_val - n_accept
     least = spec.min_niche_size if spec.partition == "dirichlet" else 1
     if n_pool < spec.n_niches * least:
         need = f"{spec.n_niches} niches" + (f" of at least {least} (data.min_niche_size)" if least > 1 else "")
         raise DataError(
-            f"{what} has {len(y)} rows; {n_pool} remain for training after the test and validation splits, "
+            f"{what} has {len(y)} rows; {n_pool} remain for training after the test, validation and acceptance "
+            "splits, "
             f"too few for {need}: use more rows or lower data.n_niches"
             + (" or data.min_niche_size" if least > 1 else "")
         )
@@ -528,10 +534,16 @@ def _plan_cached(key: str) -> SplitPlan:
     src = _source_cached(key)
     y = src.y
     _check_rows(spec, y, src.classes)
-    # The test split matches train_test_split(test_size=0.3, random_state=0, stratify=y).
+    # The test split matches train_test_split(test_size=0.3, random_state=split_seed, stratify=y);
+    # the validation split is held out of the rest, then the acceptance split out of what remains.
     train, test = _stratified_split(y, spec.test_fraction, spec.split_seed)
     pool_rel, val_rel = _stratified_split(y[train], spec.val_fraction, spec.split_seed)
     pool, val = train[pool_rel], train[val_rel]
+    accept = None
+    if spec.accept_fraction > 0:  # a share of the non-test data, as the validation split is
+        n_accept = math.ceil(spec.accept_fraction * len(train))
+        pool_rel, acc_rel = _stratified_split(y[pool], n_accept, spec.split_seed + 1)
+        pool, accept = pool[pool_rel], pool[acc_rel]
     niches = partition(
         y[pool],
         spec.partition,
@@ -541,7 +553,7 @@ def _plan_cached(key: str) -> SplitPlan:
         shards_per_niche=spec.shards_per_niche,
         min_size=spec.min_niche_size,
     )
-    return SplitPlan(pool, val, test, tuple(niches))
+    return SplitPlan(pool, val, test, tuple(niches), accept)
 
 
 _BUNDLES: dict[str, DataBundle] = {}
@@ -580,6 +592,8 @@ def _bundle_cached(key: str, plan: SplitPlan | None) -> DataBundle:
         classes=src.classes,
         input_shape=src.input_shape,
         scaling=scaling,
+        x_accept=None if plan.accept is None else x[plan.accept],
+        y_accept=None if plan.accept is None else y[plan.accept],
     )
     return bundle
 

@@ -258,6 +258,26 @@ class _FuncStack:
 # -- the engine ---------------------------------------------------------------------------------
 
 
+def online_accuracy(hits: np.ndarray, sizes: np.ndarray, per_pass: int) -> tuple[list[float], list[float]]:
+    """Running accuracies of one variant's learning steps, each batch predicted before it is
+    learned: ``hits[t]`` right of ``sizes[t]`` at step ``t``, ``per_pass`` steps to a pass.
+
+    Returns the prequential accuracy (the first pass: data the variant had not seen, one value
+    per step, running over the pass) and the training accuracy of the later passes (data seen
+    before, one value per step, running within its pass)."""
+    hits, sizes = np.asarray(hits, dtype=np.float64), np.asarray(sizes, dtype=np.float64)
+    first = min(len(hits), max(per_pass, 1))
+    preq = (np.cumsum(hits[:first]) / np.cumsum(sizes[:first])).tolist()
+    later_h, later_s = hits[first:], sizes[first:]
+    if not len(later_h):
+        return preq, []
+    start = (np.arange(len(later_h)) // per_pass) * per_pass  # each step's pass start (within ``later``)
+    ch, cs = np.cumsum(later_h), np.cumsum(later_s)
+    before_h = np.where(start > 0, ch[np.maximum(start - 1, 0)], 0.0)
+    before_s = np.where(start > 0, cs[np.maximum(start - 1, 0)], 0.0)
+    return preq, ((ch - before_h) / (cs - before_s)).tolist()
+
+
 @dataclass
 class VariantRecord:
     """One variant's outcome: curves per step (as the per-variant loop reports them)."""
@@ -269,6 +289,7 @@ class VariantRecord:
     val_accuracy: float = float("nan")
     status: str = "ok"
     reason: str = ""
+    train_accuracy: list[float] = field(default_factory=list)  # later passes (seen data)
 
 
 class BatchedEngine:
@@ -424,11 +445,9 @@ class BatchedEngine:
             seen_steps = int(steps_s[s]) if death[s] < 0 else int(death[s]) + 1
             sizes = self.sizes[off_s[s] : off_s[s] + nb_s[s]]
             step_sizes = np.resize(sizes, seen_steps)
-            seen = np.cumsum(step_sizes)
-            hits = np.cumsum(hit_np[:seen_steps, s])
             rec.loss = loss_np[:ns, s].astype(np.float64).tolist()
-            rec.preq_accuracy = (hits[:ns] / seen[:ns]).tolist()
-            rec.samples = int(seen[-1]) if seen_steps else 0
+            rec.preq_accuracy, rec.train_accuracy = online_accuracy(hit_np[:ns, s], step_sizes[:ns], int(nb_s[s]))
+            rec.samples = int(step_sizes.sum())
             if death[s] < 0:
                 rec.epoch_ends = [int(nb_s[s]) * (e + 1) for e in range(int(steps_s[s] // nb_s[s]))]
                 if not bool(torch.isfinite(final[s]).all()):

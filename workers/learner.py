@@ -15,7 +15,15 @@ from forkpop.population.forking import perturb_weights
 from forkpop.population.models import accuracy, build_model, class_rates, flat_weights, load_flat_weights, predict_many
 from forkpop.population.optim import sgd_step
 from forkpop.workers.data import DataBundle, DataSpec, SplitPlan, load_data
-from forkpop.workers.engine import ENGINES, EXPLODED, BatchedEngine, EnginePlan, plan_engine, resolve_device
+from forkpop.workers.engine import (
+    ENGINES,
+    EXPLODED,
+    BatchedEngine,
+    EnginePlan,
+    online_accuracy,
+    plan_engine,
+    resolve_device,
+)
 from forkpop.workers.niches import stream_batches
 
 from forkpop.plugins import add_import_roots
@@ -200,8 +208,11 @@ class ForkTask:
 class LearnResult:
     """What a worker returns for one variant. Workers never log; the driver does.
 
-    ``loss``/``preq_accuracy`` hold one value per learning step: the batch loss, and the
-    running prequential accuracy (each batch predicted before it is learned).
+    ``loss`` holds one value per learning step (the batch loss). Each batch is predicted
+    before it is learned: ``preq_accuracy`` is the running accuracy over the first pass over
+    the niche only (prequential: data not seen before), ``train_accuracy`` the running
+    accuracy within each later pass (data seen before), one value per step after the first
+    pass. Fitness is ``val_accuracy``, on the validation split.
     ``epoch_ends[e]`` is the number of steps done when pass ``e`` over the niche ended.
     """
 
@@ -215,6 +226,7 @@ class LearnResult:
     status: str = "ok"
     reason: str = ""
     audit: str = ""  # what the label audit changed in this variant's niche ("" nothing)
+    train_accuracy: list[float] = field(default_factory=list)  # later passes (seen data)
 
 
 class GroupLearner:
@@ -333,6 +345,7 @@ class GroupLearner:
                 val_accuracy=r.val_accuracy,
                 loss=r.loss,
                 preq_accuracy=r.preq_accuracy,
+                train_accuracy=r.train_accuracy,
                 epoch_ends=r.epoch_ends,
                 samples=r.samples,
                 seconds=share,
@@ -352,7 +365,9 @@ class GroupLearner:
         lr, momentum, wd = g["lr"], g.get("momentum", 0.0), g.get("weight_decay", 0.0)
         clip = float(g.get("clip", 0.0))
         result = LearnResult(task.variant_id, val_accuracy=float("nan"))
-        correct = seen = 0
+        hits: list[int] = []
+        sizes: list[int] = []
+        unlearned = 0  # the batch a variant died on: seen, not learned
         batches = self.streams[task.niche % len(self.streams)]
         model.train()
         for _ in range(int(g.get("epochs", 1))):
@@ -360,13 +375,14 @@ class GroupLearner:
                 x, y = self.x_pool[idx], self.y_read[idx]
                 logits = model(x)
                 loss = F.cross_entropy(logits, y)
-                correct += int((logits.detach().argmax(1) == y).sum())
-                seen += len(y)
+                hit = int((logits.detach().argmax(1) == y).sum())
                 lv = float(loss.detach())
                 if not math.isfinite(lv):
                     result.status, result.reason = "diverged", f"non-finite loss at step {len(result.loss)}"
+                    unlearned = len(y)
                     break
                 if result.loss and lv > EXPLODED * max(result.loss[0], 1e-3):
+                    unlearned = len(y)
                     result.status = "diverged"
                     result.reason = f"loss exploded to {lv:.3g} at step {len(result.loss)} (first {result.loss[0]:.3g})"
                     break
@@ -377,14 +393,16 @@ class GroupLearner:
                     grads = [gr * coef for gr in grads]
                 sgd_step(params, grads, bufs, lr, momentum, wd)
                 result.loss.append(lv)
-                result.preq_accuracy.append(correct / seen)
+                hits.append(hit)
+                sizes.append(len(y))
             result.epoch_ends.append(len(result.loss))
             if result.status != "ok":
                 break
         w = flat_weights(model)
         if result.status == "ok" and not torch.isfinite(w).all():
             result.status, result.reason = "diverged", "non-finite weights after learning"
-        result.samples = seen
+        result.preq_accuracy, result.train_accuracy = online_accuracy(hits, sizes, len(batches))
+        result.samples = sum(sizes) + unlearned
         if result.status == "ok":
             result.val_accuracy = accuracy(model, self.x_val, self.y_val)
         result.seconds = time.perf_counter() - t0
@@ -405,6 +423,8 @@ def pack_results(results: list[LearnResult]) -> dict:
         "audit": [r.audit for r in results],
         "loss": np.concatenate([np.asarray(r.loss, dtype=np.float64) for r in results] or [np.zeros(0)]),
         "preq": np.concatenate([np.asarray(r.preq_accuracy, dtype=np.float64) for r in results] or [np.zeros(0)]),
+        "train": np.concatenate([np.asarray(r.train_accuracy, dtype=np.float64) for r in results] or [np.zeros(0)]),
+        "n_preq": np.array([len(r.preq_accuracy) for r in results], dtype=np.int64),
         "lens": np.array(lens, dtype=np.int64),
         "ends": np.concatenate([np.asarray(r.epoch_ends, dtype=np.int64) for r in results] or [np.zeros(0, np.int64)]),
         "n_ends": np.array(ends, dtype=np.int64),
@@ -414,8 +434,9 @@ def pack_results(results: list[LearnResult]) -> dict:
 def unpack_results(p: dict) -> list[LearnResult]:
     """The inverse of :func:`pack_results`."""
     out = []
-    o = e = 0
+    o = e = q = 0
     loss, preq, ends = p["loss"].tolist(), p["preq"].tolist(), p["ends"].tolist()
+    train = p["train"].tolist()
     for i, vid in enumerate(p["ids"]):
         n, m = int(p["lens"][i]), int(p["n_ends"][i])
         out.append(
@@ -423,7 +444,8 @@ def unpack_results(p: dict) -> list[LearnResult]:
                 vid,
                 val_accuracy=float(p["val"][i]),
                 loss=loss[o : o + n],
-                preq_accuracy=preq[o : o + n],
+                preq_accuracy=preq[q : q + int(p["n_preq"][i])],
+                train_accuracy=train[o - q : o - q + n - int(p["n_preq"][i])],
                 epoch_ends=ends[e : e + m],
                 samples=int(p["samples"][i]),
                 seconds=float(p["seconds"][i]),
@@ -432,7 +454,7 @@ def unpack_results(p: dict) -> list[LearnResult]:
                 audit=p["audit"][i],
             )
         )
-        o, e = o + n, e + m
+        o, e, q = o + n, e + m, q + int(p["n_preq"][i])
     return out
 
 
