@@ -387,8 +387,9 @@ class TrackingConfig(_Strict):
     collapse_window: int = Field(
         3,
         ge=0,
-        description="Collapse alarm when the seed's validation accuracy and prediction entropy have both "
-        "fallen at each of this many generations in a row; 0: off.",
+        description="Collapse alarm when, at each of this many generations in a row, the validation accuracy and "
+        "the spread have both fallen for the seed (entropy), the distilled student before elitism (entropy) or "
+        "the population (mean fitness, functional diversity); 0: off.",
     )
     outage_s: float = Field(
         120.0,

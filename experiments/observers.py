@@ -50,7 +50,8 @@ class GenerationRecord:
     diverged: int
     teachers: list[str]
     seed_entropy: float = float("nan")  # mean prediction entropy of the seed on the validation split (nats)
-    collapse_alarm: bool = False  # validation accuracy and entropy both fell over the last generations
+    collapse_alarm: bool = False  # seed, student or population: accuracy and spread both fell, window generations
+    collapse_of: str = ""  # which of seed, student, population raised it
     poisoned_teachers: int = 0  # teachers that learned on a poisoned niche
     backdoor_success: float = float("nan")  # share of triggered test inputs the seed sends to the target
     audited_variants: int = 0  # variants whose niche labels the label audit changed
@@ -109,6 +110,7 @@ class GenerationRecord:
             transfer_generated=sum(st.generated for st in r.students),
             seed_entropy=figures.get("seed_entropy", float("nan")),
             collapse_alarm=bool(figures.get("collapse_alarm", False)),
+            collapse_of=str(figures.get("collapse_of", "")),
             backdoor_success=figures.get("backdoor_success", float("nan")),
             diversity=figures.get("diversity", {}),
             accept_gain=acc.get("gain", float("nan")),
@@ -199,9 +201,12 @@ class DiversityProbe(Observer):
 
 
 class CollapseAlarm(Observer):
-    """The seed's prediction entropy on the probe split, and the model-collapse alarm: its
-    probe accuracy and entropy have both fallen at each of the last ``window`` generations
-    (said once on stderr)."""
+    """Prediction entropies on the probe split and the model-collapse alarm. It watches three
+    things, each over the last ``window`` generations: the accepted seed (its probe accuracy
+    and entropy), the distilled student before elitism decides (its probe accuracy and
+    entropy: elitism cannot hide a collapse that the students show), and the population (its
+    mean fitness and functional diversity). Any one whose accuracy and spread have both fallen
+    at each step raises the alarm (said once on stderr)."""
 
     name = "alarm"
 
@@ -209,29 +214,63 @@ class CollapseAlarm(Observer):
         self.world, self.window = world, window
         self._said = False
 
+    def _entropy(self, r: GenerationResult, weights: torch.Tensor) -> float:
+        p, _ = self.world.predict(r.model, weights[None], self.world.inputs("probe"))
+        return float(-(p * torch.log(p.clamp_min(1e-12))).sum(-1).mean())
+
     def measure(self, r: GenerationResult) -> dict[str, Any]:
         seed = r.state.seeds[r.state.best_slot()]
-        sp, _ = self.world.predict(r.model, seed.weights[None], self.world.inputs("probe"))
-        entropy = float(-(sp * torch.log(sp.clamp_min(1e-12))).sum(-1).mean())
-        alarm = collapse(list(r.history), seed.val, entropy, self.window)
-        if alarm and not self._said and not any(h.collapse_alarm for h in r.history):
+        entropy = self._entropy(r, seed.weights)
+        student = max(r.students, key=lambda st: st.val, default=None)
+        s_val = student.val if student is not None else float("nan")
+        s_ent = self._entropy(r, student.weights) if student is not None else float("nan")
+        ok = [f for f in r.evals.fitness if math.isfinite(f)]
+        pop_fit = float(np.mean(ok)) if ok else float("nan")
+        pop_div = float(r.figures.get("diversity", {}).get("disagreement", float("nan")))  # the DiversityProbe's
+        h = list(r.history)
+        watched = {
+            "seed": ([x.seed_val_accuracy for x in h] + [seed.val], [x.seed_entropy for x in h] + [entropy]),
+            "student": (
+                [x.student_val_accuracy for x in h] + [s_val],
+                [x.student_entropy for x in h] + [s_ent],
+            ),
+            "population": (
+                [x.mean_fitness for x in h] + [pop_fit],
+                [x.diversity.get("disagreement", float("nan")) for x in h] + [pop_div],
+            ),
+        }
+        which = [name for name, (acc, spread) in watched.items() if falling(acc, spread, self.window)]
+        alarm = bool(which)
+        if alarm and not self._said and not any(x.collapse_alarm for x in h):
             print(
-                f"forkpop: collapse alarm at generation {r.generation}: the seed's validation accuracy and prediction "
-                f"entropy have both fallen for {self.window} generations",
+                f"forkpop: collapse alarm at generation {r.generation}: the {' and the '.join(which)}'s validation "
+                f"accuracy and spread (entropy or diversity) have both fallen for {self.window} generations",
                 file=sys.stderr,
             )
             self._said = True
-        return {"seed_entropy": entropy, "collapse_alarm": alarm}
+        return {
+            "seed_entropy": entropy,
+            "student_entropy": s_ent,
+            "collapse_alarm": alarm,
+            "collapse_of": ",".join(which),
+        }
+
+
+def falling(accuracy: list[float], spread: list[float], window: int) -> bool:
+    """Whether ``accuracy`` and ``spread`` (per generation, the latest last) have both fallen
+    at each of the last ``window`` generations (the model-collapse signature)."""
+    if window <= 0 or len(accuracy) < window + 1 or len(spread) < window + 1:
+        return False
+    a, e = accuracy[-window - 1 :], spread[-window - 1 :]
+    return all(a[i + 1] < a[i] and e[i + 1] < e[i] for i in range(window))
 
 
 def collapse(history: list[GenerationRecord], val: float, entropy: float, window: int) -> bool:
-    """Whether probe accuracy and prediction entropy have both fallen at each of the last
-    ``window`` generations (the model-collapse signature)."""
-    if window <= 0 or len(history) < window:
-        return False
-    vals = [h.seed_val_accuracy for h in history[-window:]] + [val]
-    ents = [h.seed_entropy for h in history[-window:]] + [entropy]
-    return all(vals[i + 1] < vals[i] and ents[i + 1] < ents[i] for i in range(window))
+    """Whether the seed's probe accuracy and prediction entropy have both fallen at each of the
+    last ``window`` generations."""
+    return falling(
+        [h.seed_val_accuracy for h in history] + [val], [h.seed_entropy for h in history] + [entropy], window
+    )
 
 
 class BackdoorProbe(Observer):
