@@ -117,14 +117,21 @@ def cmd_study(args: argparse.Namespace) -> int:
     if not path.exists():
         path = Path(__file__).parent / "configs" / f"study_{args.study}.yaml"
     if not path.exists():
-        return _fail(f"no study {args.study!r}: give a study YAML or a bundled name (diversity)")
+        return _fail(f"no study {args.study!r}: give a study YAML or a bundled name (diversity, selection)")
     try:
         study = load_study(path)
         configs = mode_configs(study, _resolve_config(str(study["base"])), args.set)
         seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else study["seeds"]
-    except (ConfigError, ValueError) as e:
+        if args.partitions:
+            partitions = [int(x) for x in args.partitions.split(",")]
+        else:
+            partitions = study["partitions"] or [next(iter(configs.values())).data.seed]
+    except ConfigError as e:
         return _fail(str(e))
+    except ValueError:
+        return _fail("--seeds and --partitions take integers separated by commas, e.g. 0,1,2,3")
 
+    import numpy as np
     from forkpop.experiments.analysis import compare
     from forkpop.experiments.runner import PopulationRun
     from forkpop.experiments.tracking import TrackingError
@@ -136,37 +143,59 @@ def cmd_study(args: argparse.Namespace) -> int:
     rows = []
     uri = args.tracking_uri
     for name, cfg in configs.items():
-        for seed in seeds:
-            run_cfg = cfg.model_copy(
-                update={
-                    "run": cfg.run.model_copy(
-                        update={
-                            "seed": seed,
-                            "name": f"study-{name}",
-                            **({"backend": args.backend} if args.backend else {}),
-                        }
-                    )
+        for part in partitions:
+            for seed in seeds:
+                run_cfg = cfg.model_copy(
+                    update={
+                        "run": cfg.run.model_copy(
+                            update={
+                                "seed": seed,
+                                "name": f"study-{name}",
+                                **({"backend": args.backend} if args.backend else {}),
+                            }
+                        ),
+                        "data": cfg.data.model_copy(update={"seed": part}),
+                    }
+                )
+                print(f"forkpop: study mode {name}, partition {part}, seed {seed}", file=sys.stderr)
+                try:
+                    s = PopulationRun(run_cfg, tracking_uri=uri, progress=not args.quiet).run()
+                except (DataError, TrackingError, PluginError) as e:
+                    return _fail(str(e))
+                uri = s.tracking_uri
+                last = s.history[-1]
+                row = {
+                    "mode": name,
+                    "partition": part,
+                    "seed": seed,
+                    "mlflow_run_id": s.mlflow_run_id,
+                    "wall_seconds": s.wall_seconds,
+                    "teachers": float(np.mean([len(h["teachers"]) for h in s.history])),
                 }
-            )
-            print(f"forkpop: study mode {name}, seed {seed}", file=sys.stderr)
-            try:
-                s = PopulationRun(run_cfg, tracking_uri=uri, progress=not args.quiet).run()
-            except (DataError, TrackingError, PluginError) as e:
-                return _fail(str(e))
-            uri = s.tracking_uri
-            last = s.history[-1]
-            row = {"mode": name, "seed": seed, "mlflow_run_id": s.mlflow_run_id, "wall_seconds": s.wall_seconds}
-            for k in keys:
-                v = last["diversity"].get(k.removeprefix("div.")) if k.startswith("div.") else getattr(s, k, None)
-                row[k] = float(v) if v is not None else float("nan")
-            rows.append(row)
+                for k in keys:
+                    v = last["diversity"].get(k.removeprefix("div.")) if k.startswith("div.") else getattr(s, k, None)
+                    row[k] = float(v) if v is not None else float("nan")
+                rows.append(row)
+    if study["baselines"]:
+        from forkpop.experiments.baselines import run_partition
+
+        base_cfg = next(iter(configs.values()))
+        for part in partitions:
+            print(f"forkpop: study baselines {study['baselines']}, partition {part}", file=sys.stderr)
+            for b in run_partition(base_cfg, part, methods=tuple(study["baselines"]), log=lambda m: None):
+                row = {"mode": b["method"], "partition": part, "seed": b["seed"], "mlflow_run_id": ""}
+                row.update({k: float("nan") for k in keys})
+                row["seed_test_accuracy"], row["seed_val_accuracy"] = b["test_accuracy"], b["val_accuracy"]
+                rows.append(row)
     table = summarize(rows, keys)
     print(format_table(table, keys))
     out = Path(args.out)
     print(f"forkpop: {write(out, rows, table)}")
-    first = [r["mlflow_run_id"] for r in rows if r["seed"] == seeds[0]]
+    first = [  # one partition's and seed's run of each mode
+        r["mlflow_run_id"] for r in rows if r["seed"] == seeds[0] and r["partition"] == partitions[0] and r["mlflow_run_id"]
+    ]
     files = compare(first, out, uri, progress=False)
-    print(f"forkpop: curves of seed {seeds[0]}'s runs: " + ", ".join(str(f) for f in files if f.suffix == ".png"))
+    print(f"forkpop: curves of partition {partitions[0]}, seed {seeds[0]}'s runs: " + ", ".join(str(f) for f in files if f.suffix == ".png"))
     return 0
 
 
@@ -306,8 +335,11 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_resume)
 
     p = sub.add_parser("study", help="run several modes of an experiment over several seeds and compare them")
-    p.add_argument("study", help="a study YAML, or the name of a bundled one (diversity)")
+    p.add_argument("study", help="a study YAML, or the name of a bundled one (diversity, selection)")
     p.add_argument("--seeds", default=None, help="run seeds, e.g. 0,1,2 (default: the study's)")
+    p.add_argument(
+        "--partitions", default=None, help="partitions (data.seed), e.g. 0,1,2,3 (default: the study's, else the base's)"
+    )
     p.add_argument("--out", default="study", help="folder for study.json and the comparison plots")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key of every mode")
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default as for run)")
