@@ -191,11 +191,11 @@ def cmd_study(args: argparse.Namespace) -> int:
     print(format_table(table, keys))
     out = Path(args.out)
     print(f"forkpop: {write(out, rows, table)}")
-    first = [  # one partition's and seed's run of each mode
-        r["mlflow_run_id"] for r in rows if r["seed"] == seeds[0] and r["partition"] == partitions[0] and r["mlflow_run_id"]
-    ]
+    shown = (partitions[0], seeds[0])
+    first = [r["mlflow_run_id"] for r in rows if (r["partition"], r["seed"]) == shown and r["mlflow_run_id"]]
     files = compare(first, out, uri, progress=False)
-    print(f"forkpop: curves of partition {partitions[0]}, seed {seeds[0]}'s runs: " + ", ".join(str(f) for f in files if f.suffix == ".png"))
+    pngs = ", ".join(str(f) for f in files if f.suffix == ".png")
+    print(f"forkpop: curves of partition {shown[0]}, seed {shown[1]}'s runs: {pngs}")
     return 0
 
 
@@ -338,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("study", help="a study YAML, or the name of a bundled one (diversity, selection)")
     p.add_argument("--seeds", default=None, help="run seeds, e.g. 0,1,2 (default: the study's)")
     p.add_argument(
-        "--partitions", default=None, help="partitions (data.seed), e.g. 0,1,2,3 (default: the study's, else the base's)"
+        "--partitions", default=None, help="partitions (data.seed), e.g. 0,1,2,3 (default: the study's or the base's)"
     )
     p.add_argument("--out", default="study", help="folder for study.json and the comparison plots")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key of every mode")

@@ -402,7 +402,7 @@ def step_metrics(x: Any, mode: str) -> dict[str, list[float]] | None:
         first = len(x.preq_accuracy)  # steps of the first pass
         return {
             "preq_accuracy_epoch": [x.preq_accuracy[-1]] if first else [],  # the first pass only: unseen data
-            "train_accuracy_epoch": [train[b - 1 - first] for a, b in spans if a >= first and b - 1 - first < len(train)],
+            "train_accuracy_epoch": [train[b - 1 - first] for a, b in spans if a >= first and b - first <= len(train)],
             "loss_epoch": [float(np.mean(x.loss[a:b])) for a, b in spans],
         }
     return None
