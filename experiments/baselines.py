@@ -77,7 +77,7 @@ def run_partition(
     rounds: int = 10,
     central_epochs: int = 60,
     methods: tuple[str, ...] = BASELINES,
-    log=print,  # noqa: ANN001
+    log=lambda line: print(line, flush=True),  # noqa: ANN001
 ) -> list[dict]:
     """Rows ``{"method", "partition", "seed", "test_accuracy", "val_accuracy", "settings",
     "seconds"}`` of each baseline in ``methods`` on partition ``partition`` (``data.seed``) of
@@ -123,6 +123,5 @@ def run_partition(
             log(
                 f"{method:<12} partition {partition} seed {seed}: test {rows[-1]['test_accuracy']:.4f} "
                 f"(validation {val:.4f}, {settings})",
-                flush=True,
             )
     return rows

@@ -391,18 +391,19 @@ class Progress(Observer):
         self.bar.close()
 
 
-def step_metrics(x: Any, mode: str) -> dict[str, list[float]] | None:
+def step_metrics(x: Any, mode: str) -> dict[str, Any] | None:
     """A variant's learning curve as MLflow metric series, at the resolution ``mode`` asks for."""
     train = list(getattr(x, "train_accuracy", []))
-    if mode == "batch":
-        return {"preq_accuracy": x.preq_accuracy, "train_accuracy": train, "loss": x.loss}
+    if mode == "batch":  # train_accuracy's steps go on from the first pass's, as the loss's do
+        return {"preq_accuracy": x.preq_accuracy, "train_accuracy": (len(x.preq_accuracy), train), "loss": x.loss}
     if mode == "epoch":
         bounds = [0, *x.epoch_ends]
         spans = [(a, b) for a, b in zip(bounds, bounds[1:], strict=False) if b > a]
         first = len(x.preq_accuracy)  # steps of the first pass
-        return {
+        later = [train[b - 1 - first] for a, b in spans if a >= first and b - first <= len(train)]
+        return {  # step e is pass e over the niche
             "preq_accuracy_epoch": [x.preq_accuracy[-1]] if first else [],  # the first pass only: unseen data
-            "train_accuracy_epoch": [train[b - 1 - first] for a, b in spans if a >= first and b - first <= len(train)],
+            "train_accuracy_epoch": (1, later),
             "loss_epoch": [float(np.mean(x.loss[a:b])) for a, b in spans],
         }
     return None

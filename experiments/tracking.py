@@ -133,10 +133,11 @@ class Tracker:
         self,
         variant: Variant,
         metrics: dict[str, float],
-        step_metrics: dict[str, list[float]] | None = None,
+        step_metrics: dict[str, list[float] | tuple[int, list[float]]] | None = None,
         tags: dict[str, str] | None = None,
     ) -> None:
-        """One nested run for ``variant``: lineage tags, genome params, final and per-step metrics."""
+        """One nested run for ``variant``: lineage tags, genome params, final and per-step metrics
+        (a series is a list from step 0, or ``(first_step, values)``)."""
         vtags = {
             "forkpop.variant_id": variant.id,
             "forkpop.generation": str(variant.generation),
@@ -146,7 +147,10 @@ class Tracker:
             **(tags or {}),
         }
         params = {f"gene.{k}": repr(float(v)) for k, v in variant.genome.as_dict().items()}
-        steps = {k: [float(x) for x in v] for k, v in (step_metrics or {}).items()}
+        steps = {}
+        for k, v in (step_metrics or {}).items():
+            first, values = v if isinstance(v, tuple) else (0, v)
+            steps[k] = [(first + i, float(x)) for i, x in enumerate(values)]
         self._jobs.put(("variant", variant.id, vtags, params, {k: float(v) for k, v in metrics.items()}, steps))
 
     def log_generation(self, generation: int, metrics: dict[str, float]) -> None:
@@ -615,7 +619,7 @@ class _Writer:
         tags: dict[str, str],
         params: dict[str, str],
         metrics: dict,
-        steps: dict[str, list[float]],
+        steps: dict[str, list[tuple[int, float]]],
         ts: int | None = None,
         run: Any = None,
     ) -> None:
@@ -625,7 +629,7 @@ class _Writer:
         ts = _now_ms() if ts is None else ts
         ms = [Metric(k, v, ts, 0) for k, v in metrics.items()]
         for k, series in steps.items():
-            ms.extend(Metric(k, v, ts, s) for s, v in enumerate(series))
+            ms.extend(Metric(k, v, ts, int(s)) for s, v in series)
         ps = [Param(k, v) for k, v in params.items()]
         if run is None:
             rid = self.client.create_run(
@@ -750,7 +754,7 @@ class _BulkSql:
             param_rows.extend({"key": k, "value": v, "run_uuid": run_id} for k, v in params.items())
             series = {k: [(0, v)] for k, v in metrics.items()}
             for k, vs in steps.items():
-                series.setdefault(k, []).extend(enumerate(vs))
+                series.setdefault(k, []).extend((int(s), v) for s, v in vs)
             for k, points in series.items():
                 seen = set()
                 latest = None

@@ -11,7 +11,7 @@ DIGITS = ROOT / "experiments" / "configs" / "digits.yaml"
 
 def test_bundled_config_loads_and_overrides_apply():
     cfg = load_config(DIGITS, ["population.size=32", "data.alpha=0.1", "population.genes.lr.init=0.02"], seed=3)
-    assert cfg.population.size == 32 and cfg.n_niches == 32
+    assert cfg.population.size == 32 and cfg.n_niches == 16  # the bundled config fixes 16 niches
     assert cfg.data.alpha == 0.1 and cfg.run.seed == 3
     # a partial gene override keeps the gene's other fields and the other genes
     assert cfg.population.genes["lr"].init == 0.02 and cfg.population.genes["lr"].kind == "log"
@@ -26,7 +26,7 @@ BAD = [
     (["data.alpha=-2"], "data.alpha"),
     (["population.genes.lr.low=0.9"], "population.genes.lr: Value error, low 0.9 > high"),
     (["population.genes.epochs.low=5", "population.genes.epochs.high=2"], "low 5.0 > high 2.0"),
-    (["selection.k=40"], "selection.k=40 exceeds population.size=16"),
+    (["selection.k=40"], "selection.k=40 exceeds population.size=32"),
     (["model.family=resnet"], "model.family"),
     (["run.backend=spark"], "run.backend"),
     (["data.partition=zipf"], "data.partition"),
@@ -121,7 +121,7 @@ def _files(tmp_path):
 @pytest.mark.parametrize(
     "args, needle",
     [
-        (["run", str(DIGITS), "--set", "selection.k=20"], "exceeds population.size"),
+        (["run", str(DIGITS), "--set", "selection.k=40"], "exceeds population.size"),
         (["run", str(DIGITS), "--set", "model.family=transformer"], "model.family"),
         (["run", str(DIGITS), "--set", "data.n_niches=5000"], "lower data.n_niches"),
         (["run", str(DIGITS), "--set", "data.poison.niches=40", "--set", "data.poison.kind=label_flip"], "niches"),

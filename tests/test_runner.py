@@ -39,16 +39,20 @@ def test_local_run_records_every_birth_in_mlflow(tmp_path, tracking_uri):
     kids = c.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{s.mlflow_run_id}'")
     fork = next(r for r in kids if r.data.tags["forkpop.origin"] == "fork")
     assert {"gene.lr", "gene.epochs"} <= set(fork.data.params)
-    epochs = c.get_metric_history(fork.info.run_id, "preq_accuracy_epoch")
-    assert len(epochs) == int(float(fork.data.params["gene.epochs"]))
-    assert [m.step for m in epochs] == list(range(len(epochs)))
+    first = c.get_metric_history(fork.info.run_id, "preq_accuracy_epoch")  # the first pass: unseen data
+    later = c.get_metric_history(fork.info.run_id, "train_accuracy_epoch")  # passes seen before
+    assert len(first) == 1 and first[0].step == 0
+    assert len(later) == int(float(fork.data.params["gene.epochs"])) - 1
+    assert [m.step for m in later] == list(range(1, len(later) + 1))
     arts = {a.path for a in c.list_artifacts(s.mlflow_run_id)}
     assert {"lineage.json", "config.yaml", "steps"} <= arts
     gen = int(fork.data.tags["forkpop.generation"])
     got = c.download_artifacts(s.mlflow_run_id, f"steps/gen-{gen:04d}.json", str(tmp_path))
     curves = json.loads(Path(got).read_text())
-    full = curves[fork.data.tags["forkpop.variant_id"]]["preq_accuracy"]
-    assert len(full) > len(epochs) and full[-1] == pytest.approx(epochs[-1].value)
+    full = curves[fork.data.tags["forkpop.variant_id"]]
+    assert len(full["preq_accuracy"]) > 1 and full["preq_accuracy"][-1] == pytest.approx(first[0].value)
+    assert full["train_accuracy"][-1] == pytest.approx(later[-1].value)
+    assert len(full["preq_accuracy"]) + len(full["train_accuracy"]) == len(full["loss"])
 
     ckpts = sorted((Path(s.run_dir) / "checkpoints").iterdir())
     assert [p.name for p in ckpts] == ["gen-0000", "gen-0001"]
@@ -68,7 +72,9 @@ def test_batch_resolution_curves_in_mlflow(tmp_path, tracking_uri):
     kids = c.search_runs(["1"], f"tags.mlflow.parentRunId = '{s.mlflow_run_id}' and tags.`forkpop.origin` = 'fork'")
     steps = c.get_metric_history(kids[0].info.run_id, "preq_accuracy")
     assert len(steps) > 2 and [m.step for m in steps] == list(range(len(steps)))
-    assert len(c.get_metric_history(kids[0].info.run_id, "loss")) == len(steps)
+    train = c.get_metric_history(kids[0].info.run_id, "train_accuracy")  # after the first pass, steps go on
+    loss = c.get_metric_history(kids[0].info.run_id, "loss")
+    assert len(loss) == len(steps) + len(train) and [m.step for m in train] == list(range(len(steps), len(loss)))
 
 
 def test_same_seed_same_run_other_seed_other_run(tmp_path):

@@ -12,7 +12,10 @@ VARIANTS = [
         {"forkpop.variant_id": "g01-v000", "forkpop.generation": "1", "forkpop.origin": "fork", "forkpop.niche": "3"},
         {"gene.lr": "0.1", "gene.epochs": "20.0"},
         {"val_accuracy": 0.75, "samples": 120.0, "weird": math.nan, "huge": math.inf},
-        {"loss_epoch": [2.0, 1.0, 0.5, 0.5], "preq_accuracy_epoch": [0.1, 0.4, 0.4, math.nan]},
+        {  # (step, value) pairs, as Tracker.log_variant hands them to the writer
+            "loss_epoch": list(enumerate([2.0, 1.0, 0.5, 0.5])),
+            "train_accuracy_epoch": [(1, 0.1), (2, 0.4), (3, 0.4), (4, math.nan)],
+        },
     ),
     ("g01-seed", {"forkpop.origin": "distill", "forkpop.parent_ids": "a,b"}, {"gene.lr": "0.2"}, {"x": -math.inf}, {}),
 ]
