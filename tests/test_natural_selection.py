@@ -2,6 +2,8 @@
 teachers, elitism refuses a worse student, the collapse alarm watches students and population,
 and the online metrics say which data they are measured on."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -9,6 +11,7 @@ from forkpop.experiments import core
 from forkpop.experiments.observers import CollapseAlarm, GenerationRecord, Observer, falling
 from forkpop.experiments.runner import PopulationRun
 from forkpop.experiments.specs import classification_world
+from forkpop.selection.distiller import Distiller
 from forkpop.selection.strategies import STRATEGIES
 from forkpop.workers.engine import online_accuracy
 
@@ -194,3 +197,31 @@ def test_preq_accuracy_is_the_first_pass_and_train_accuracy_the_later_ones():
     assert preq == [0.25, 0.375]  # running over the first pass
     assert train == [0.75, 0.875, 1.0, 1.0]  # running within passes 2 and 3
     assert online_accuracy(hits[:1], sizes[:1], 2) == ([0.25], [])
+
+
+class Collapsing(Distiller):
+    """A distiller built to collapse: each generation its student leans harder on class 0 (its
+    output bias grows), so it grows surer and more wrong, as a self-consuming population does."""
+
+    def __call__(self, world, model, state, group, evals, rng):
+        st = super().__call__(world, model, state, group, evals, rng)
+        w = st.weights.clone()
+        w[-world.n_classes] += 3.0 * (state.generation + 1)  # the last layer's bias of class 0
+        return dataclasses.replace(st, weights=w, val=world.fitness(model, w))
+
+
+def test_the_collapse_alarm_fires_on_a_run_built_to_collapse_and_not_on_a_healthy_one(tmp_path):
+    common = {"run": {"generations": 4}, "tracking": {"collapse_window": 2}}
+    bad = tiny_config(
+        tmp_path / "bad", **common, distill={"method": "tests.test_natural_selection:Collapsing", "steps": 30}
+    )
+    s = PopulationRun(bad, progress=False, tracking=False).run()
+    alarms = [h["collapse_alarm"] for h in s.history]
+    assert alarms[:2] == [False, False] and all(alarms[2:]), [
+        (h["student_val_accuracy"], h["student_entropy"]) for h in s.history
+    ]
+    assert "student" in s.history[-1]["collapse_of"]
+    # Elitism refused every collapsing student after the first: the seed alone would not have told.
+    assert not any(h["student_accepted"] for h in s.history[1:])
+    good = PopulationRun(tiny_config(tmp_path / "good", **common), progress=False, tracking=False).run()
+    assert not any(h["collapse_alarm"] for h in good.history)
