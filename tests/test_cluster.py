@@ -428,7 +428,7 @@ def test_a_write_whose_answer_was_lost_is_not_made_twice(cluster, monkeypatch):
             {"forkpop.variant_id": f"g00-v{i:03d}", "forkpop.generation": "0", "forkpop.origin": "fork"},
             {"gene.lr": "0.1"},
             {"val_accuracy": 0.5 + i / 10},
-            {"loss_epoch": [2.0, 1.0, 0.5]},
+            {"loss_epoch": [(0, 2.0), (1, 1.0), (2, 0.5)]},  # (step, value), as Tracker.log_variant hands them on
         )
         for i in range(3)
     ]
