@@ -26,7 +26,6 @@ from forkpop.experiments.config import ExperimentConfig
 from forkpop.experiments.specs import learner_spec
 from forkpop.population.models import flat_weights
 from forkpop.selection.distill import accuracy_of
-from forkpop.workers.data import load_data
 from forkpop.workers.learner import ForkTask, GroupLearner
 
 BASELINES = ("fedavg", "centralized")
@@ -84,10 +83,8 @@ def run_partition(
     ``cfg``'s data, for model seeds ``0 .. seeds - 1``."""
     data = cfg.data.model_copy(update={"seed": partition, "audit": cfg.data.audit.model_copy(update={"mode": "none"})})
     cfg = cfg.model_copy(update={"data": data})
-    d0 = load_data(learner_spec(cfg).data)
-    spec = learner_spec(cfg, d0.plan)
-    learner = GroupLearner(spec)
-    d, spec = learner.data, spec.model
+    learner = GroupLearner(learner_spec(cfg))  # it loads the data and makes the split itself
+    d, spec = learner.data, learner_spec(cfg).model
     model = spec.build(d.n_features, d.n_classes)
     xs = [d.x_val] + ([d.x_accept] if d.x_accept is not None else [])
     ys = [d.y_val] + ([d.y_accept] if d.y_accept is not None else [])

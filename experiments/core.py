@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 from forkpop.population.lineage import Lineage
-from forkpop.population.state import Evaluations, ForkPlan, RunState, Seed
+from forkpop.population.state import Evaluations, ForkPlan, RunState, Seed, best_slot
 from forkpop.population.variant import Origin, Variant
 from forkpop.population.world import World
 from forkpop.selection.distiller import Distiller, Student
@@ -204,7 +204,7 @@ def accept(
         lineage.add(st.variant)
         if st.pool is not None:
             generated[st.slot] = st.pool
-        rival = seeds[max(range(len(seeds)), key=lambda j: (seeds[j].val, -j))] if st.merge else seeds[st.slot]
+        rival = seeds[best_slot(seeds)] if st.merge else seeds[st.slot]
         ok = not elitism or (judge(st, rival) if judge is not None else st.val >= rival.val)
         if ok and st.merge:
             seeds = [Seed(st.variant, st.weights, st.val)] * len(seeds)

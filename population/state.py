@@ -22,6 +22,11 @@ class Seed:
     val: float  # its fitness on the probe split
 
 
+def best_slot(seeds: tuple[Seed, ...] | list[Seed]) -> int:
+    """The slot of ``seeds`` whose seed is best on the probe split (the lowest slot on ties)."""
+    return max(range(len(seeds)), key=lambda s: (seeds[s].val, -s))
+
+
 @dataclass(frozen=True)
 class RunState:
     """Everything a run carries from one generation to the next; a checkpoint stores it and
@@ -51,7 +56,7 @@ class RunState:
 
     def best_slot(self) -> int:
         """The slot whose seed is best on the probe split (the lowest slot on ties)."""
-        return max(range(len(self.seeds)), key=lambda s: (self.seeds[s].val, -s))
+        return best_slot(self.seeds)
 
     def seed_stack(self) -> torch.Tensor:
         """The seeds' weights ``(n_species, n_params)``."""

@@ -60,11 +60,13 @@ def teacher_targets(
     temperature: float,
     aggregate: str = "mean",
     probe: tuple[torch.Tensor, torch.Tensor] | None = None,
+    probs: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The teachers' aggregated soft targets ``(n, classes)`` on ``x`` at ``temperature``."""
+    """The teachers' aggregated soft targets ``(n, classes)`` on ``x`` at ``temperature``
+    (``probs``: each teacher's, :func:`soft_targets`, where the caller has them already)."""
     if aggregate not in AGGREGATORS:
         raise ValueError(f"unknown distill.aggregate {aggregate!r}; use one of {sorted(AGGREGATORS)}")
-    probs = soft_targets(model, teachers, x, temperature)
+    probs = soft_targets(model, teachers, x, temperature) if probs is None else probs
     if aggregate == "class_reliability":
         if probe is None:
             raise ValueError("distill.aggregate=class_reliability needs a labelled probe (the validation split)")

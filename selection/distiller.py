@@ -108,10 +108,10 @@ class Distiller:
             tf += [fitness[i] * mix / other_f for i in others]
         x_all = world.inputs("transfer")
         if self.transfer == "all":
-            rows = np.arange(len(x_all))
+            rows, transfer = np.arange(len(x_all)), x_all
         else:
             rows = np.sort(np.concatenate([world.niche_rows(variants[i].niche) for i in sources]))
-        transfer = x_all[torch.from_numpy(rows)]
+            transfer = x_all[torch.from_numpy(rows)]
         probe = (world.inputs("probe"), world.labels("probe"))
         pool = self._generate(world, model, state, group.slot, transfer, tw, tf, probe)
         extra, real_fraction = None, 1.0
@@ -131,7 +131,7 @@ class Distiller:
             for j in range(world.n_niches):
                 row_niche[world.niche_rows(j)] = j
             probs = soft_targets(model, tw, transfer, self.temperature)
-            base = teacher_targets(model, tw, tf, transfer, self.temperature, self.aggregate, probe)
+            base = teacher_targets(model, tw, tf, transfer, self.temperature, self.aggregate, probe, probs)
             target = own_niche_targets(
                 base, probs, [variants[i].niche for i in sources], torch.from_numpy(row_niche[rows]), self.own_niche
             )
