@@ -117,7 +117,23 @@ def cmd_study(args: argparse.Namespace) -> int:
     if not path.exists():
         path = Path(__file__).parent / "configs" / f"study_{args.study}.yaml"
     if not path.exists():
-        return _fail(f"no study {args.study!r}: give a study YAML or a bundled name (diversity, selection)")
+        return _fail(f"no study {args.study!r}: give a study YAML or a bundled name (diversity, selection, text, collapse)")
+    from forkpop.experiments.text_study import cmd_text_study, study_kind
+
+    if study_kind(path):
+        from forkpop.experiments.tracking import TrackingError
+        from forkpop.workers.data import DataError
+
+        from forkpop.plugins import PluginError
+
+        try:
+            return cmd_text_study(args, path, _resolve_config)
+        except ValueError as e:
+            if isinstance(e, (ConfigError, DataError, PluginError)):
+                return _fail(str(e))
+            return _fail("--seeds takes integers separated by commas, e.g. 0,1,2")
+        except TrackingError as e:
+            return _fail(str(e))
     try:
         study = load_study(path)
         configs = mode_configs(study, _resolve_config(str(study["base"])), args.set)
@@ -256,7 +272,30 @@ def cmd_compare(args: argparse.Namespace, uri: str) -> int:
     return 0
 
 
+def _print_text_summary(s) -> None:  # noqa: ANN001 - RunSummary of a text-world run
+    w = s.world
+    print()
+    print(f"{'model':<18} {'test bits/byte':>14}")
+    print(f"{'final seed':<18} {w.get('test_bpb', float('nan')):>14.3f}")
+    print(f"{'best teacher':<18} {-s.best_individual_test_accuracy:>14.3f}")
+    print(f"{'teachers mixed':<18} {-s.ensemble_test_accuracy:>14.3f}")
+    niches = {k.split(".", 1)[1]: v for k, v in w.items() if k.startswith("test_bpb.")}
+    if niches:
+        print("per niche: " + ", ".join(f"{k} {v:.3f}" for k, v in niches.items()))
+    print(
+        f"rare 4-grams {w.get('test_bpb_rare4', float('nan')):.3f}, frequent {w.get('test_bpb_frequent4', float('nan')):.3f} "
+        f"bits/byte; {w.get('tokens_per_s', float('nan')):,.0f} tokens/s learning"
+    )
+    for text in s.samples[:2]:
+        print("sample of the final seed: " + repr(text[:160]))
+
+
 def _print_summary(s) -> None:  # noqa: ANN001 - RunSummary, imported lazily
+    if s.world and "test_bpb" in s.world:
+        _print_text_summary(s)
+        print(f"{'wall time':<18} {s.wall_seconds:>12.1f}s")
+        print(f"generations {s.generations}, MLflow run {s.mlflow_run_id}")
+        return
     rows = [
         ("final seed", s.seed_test_accuracy),
         ("best individual", s.best_individual_test_accuracy),
@@ -335,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_resume)
 
     p = sub.add_parser("study", help="run several modes of an experiment over several seeds and compare them")
-    p.add_argument("study", help="a study YAML, or the name of a bundled one (diversity, selection)")
+    p.add_argument("study", help="a study YAML, or the name of a bundled one (diversity, selection, text, collapse)")
     p.add_argument("--seeds", default=None, help="run seeds, e.g. 0,1,2 (default: the study's)")
     p.add_argument(
         "--partitions", default=None, help="partitions (data.seed), e.g. 0,1,2,3 (default: the study's or the base's)"

@@ -119,7 +119,17 @@ class DataConfig(_Strict):
         description="What the population learns: classification (feature vectors, cross-entropy), or a world "
         "plug-in by registered name, import path package.module:attr or entry point (group forkpop.worlds).",
     )
-    source: Literal["digits", "file"] = Field("digits", description="scikit-learn digits, or your own file.")
+    source: Literal["digits", "file", "stdlib", "pydoc", "text"] = Field(
+        "digits",
+        description="scikit-learn digits or your own table (data.world: classification); for data.world: text, "
+        "the Python standard library's own sources (one niche per package), the Python docs' topics (pydoc), "
+        "or your own text files (data.niches).",
+    )
+    niches: dict[str, str] = Field(
+        default_factory=dict,
+        description="data.source: text: one niche per entry, name: a folder, a file or a glob (** recursive); "
+        "data.source: stdlib: optional package names (the values are ignored).",
+    )
     path: str | None = Field(
         None,
         description="A .csv or .parquet table (a CSV's header row optional), an .npz with arrays x (N, F) or "
@@ -374,6 +384,59 @@ class DistillConfig(_Strict):
     )
 
 
+class SelfTrainConfig(_Strict):
+    mode: Literal["none", "replace", "accumulate"] = Field(
+        "none",
+        description="Text the population generates joins its training text: replace (this generation's samples "
+        "replace earlier ones), accumulate (they add up beside all the real text), none (real text only).",
+    )
+    real_fraction: float = Field(
+        1.0,
+        ge=0,
+        le=1,
+        description="With replace: share of each generation's training text that is real (the rest is the previous "
+        "generation's samples); the collapse guard. accumulate keeps all the real text.",
+    )
+    temperature: float = Field(1.0, ge=0, description="Sampling temperature of the generated text (0: greedy).")
+    samples: int = Field(128, ge=1, description="Samples generated per niche each generation.")
+    length: int | None = Field(None, ge=2, description="Bytes per sample, prompt included; None: lm.context + 1.")
+    prompt: int = Field(8, ge=1, description="Real bytes of the niche that start each sample.")
+    by: Literal["teachers", "seed"] = Field(
+        "teachers", description="Who generates: each niche's teacher (its own niche's text), or the seed."
+    )
+    into: Literal["both", "niches", "transfer"] = Field(
+        "both", description="Where generated text goes: the niches' training text, the transfer corpus, or both."
+    )
+
+
+class LMConfig(_Strict):
+    n_layer: int = Field(2, ge=1, description="Transformer blocks of the byte-level language model.")
+    n_head: int = Field(4, ge=1, description="Attention heads.")
+    d_model: int = Field(128, ge=8, description="Width.")
+    context: int = Field(64, ge=4, description="Context in bytes.")
+    steps: int = Field(60, ge=1, description="A fork's learning steps per unit of its epochs gene.")
+    batch_size: int = Field(16, ge=1, description="Windows (of context + 1 bytes) per learning step.")
+    heldout_fraction: float = Field(
+        0.25, gt=0, lt=1, description="Share of each niche's files held out (validation, acceptance, test)."
+    )
+    max_bytes_per_niche: int = Field(
+        200_000, ge=1000, description="Cap on each niche's training bytes (files in split order)."
+    )
+    probe_windows: int = Field(24, ge=1, description="Held-out windows per niche for fitness (validation).")
+    accept_windows: int = Field(24, ge=1, description="Held-out windows per niche for elitism only.")
+    test_windows: int = Field(96, ge=1, description="Held-out windows per niche for the test split (reported).")
+    report_samples: int = Field(4, ge=0, description="Samples of the final seed in the run's records and report.")
+    self_train: SelfTrainConfig = Field(
+        default_factory=SelfTrainConfig, description="Learning from their own text (the model-collapse study)."
+    )
+
+    @model_validator(mode="after")
+    def _heads(self) -> LMConfig:
+        if self.d_model % self.n_head:
+            raise ValueError(f"lm.d_model={self.d_model} must be a multiple of lm.n_head={self.n_head}")
+        return self
+
+
 class TrackingConfig(_Strict):
     uri: str | None = Field(None, description="MLflow tracking URI; None: a SQLite file under run.run_dir.")
     experiment: str = Field("forkpop", description="MLflow experiment name.")
@@ -407,6 +470,7 @@ class ExperimentConfig(_Strict):
     selection: SelectionConfig = SelectionConfig()
     distill: DistillConfig = DistillConfig()
     tracking: TrackingConfig = TrackingConfig()
+    lm: LMConfig = LMConfig()
 
     @model_validator(mode="after")
     def _consistent(self) -> ExperimentConfig:
@@ -418,6 +482,13 @@ class ExperimentConfig(_Strict):
             raise ValueError(
                 "data.val_fraction + data.accept_fraction leave under a tenth of the data for learning; lower them"
             )
+        text_sources = ("stdlib", "pydoc", "text")
+        if self.data.world == "text" and self.data.source not in text_sources:
+            raise ValueError(f"data.world is 'text' but data.source is {self.data.source!r}; use one of {text_sources}")
+        if self.data.source in text_sources and self.data.world != "text":
+            raise ValueError(f"data.source={self.data.source!r} is text; set data.world: text")
+        if self.data.source == "text" and not self.data.niches:
+            raise ValueError("data.source is 'text' but data.niches is empty; give data.niches: {name: glob, ...}")
         if self.data.source == "file" and not self.data.path:
             raise ValueError("data.source is 'file' but data.path is not set; set data.path")
         if self.data.poison.niches > self.n_niches:
@@ -443,6 +514,10 @@ class ExperimentConfig(_Strict):
 
     @property
     def n_niches(self) -> int:
+        if self.data.source == "text":
+            return len(self.data.niches)
+        if self.data.source == "stdlib" and self.data.niches:
+            return len(self.data.niches)
         return self.data.n_niches or self.population.size
 
 

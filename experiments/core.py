@@ -120,8 +120,17 @@ def evolve(
 
 def submit(pool: Pool, world: World, state: RunState, plan: ForkPlan) -> tuple[Any, torch.Tensor]:
     """Hand the plan to the workers: each variant forks its slot's seed and learns its niche."""
+    payload = getattr(world, "payload", None)  # what a world adds to a niche (the text world: generated text)
     tasks = [
-        ForkTask(v.id, v.niche, v.genome.as_dict(), noise, world.niche_size(v.niche) * v.genome.get("epochs", 1.0), s)
+        ForkTask(
+            v.id,
+            v.niche,
+            v.genome.as_dict(),
+            noise,
+            world.niche_size(v.niche) * v.genome.get("epochs", 1.0),
+            s,
+            payload(state, v.niche, s) if payload is not None else None,
+        )
         for v, s, noise in zip(plan.variants, plan.slots, plan.noise_seeds, strict=True)
     ]
     seeds = state.seed_stack()

@@ -65,6 +65,7 @@ class GenerationRecord:
     genes: dict[str, float] = field(default_factory=dict)  # mean gene of the forks, and teacher.<gene> of the teachers
     seconds: dict[str, float] = field(default_factory=dict)
     diversity: dict[str, float] = field(default_factory=dict)  # see population.diversity
+    world: dict[str, float] = field(default_factory=dict)  # the world's own figures (the text world: lm.*)
 
     def metrics(self) -> dict[str, float]:
         m = {
@@ -75,6 +76,7 @@ class GenerationRecord:
         m.update({f"time_{k}": v for k, v in self.seconds.items()})
         m.update({f"gene.{k}": v for k, v in self.genes.items() if math.isfinite(v)})
         m.update({f"div.{k}": v for k, v in self.diversity.items() if math.isfinite(v)})
+        m.update({f"lm.{k}": v for k, v in self.world.items() if isinstance(v, (int, float)) and math.isfinite(v)})
         return m
 
     @classmethod
@@ -117,6 +119,7 @@ class GenerationRecord:
             accept_z=acc.get("z", float("nan")),
             student_entropy=figures.get("student_entropy", float("nan")),
             genes=gene_means(ev.variants, teachers),
+            world=figures.get("world", {}),
         )
 
 
@@ -273,6 +276,19 @@ def collapse(history: list[GenerationRecord], val: float, entropy: float, window
     )
 
 
+class WorldProbe(Observer):
+    """The world's own per-generation figures (:meth:`World.measure`; the text world's bits per
+    byte and collapse measures), recorded as ``lm.<name>`` metrics."""
+
+    name = "world"
+
+    def __init__(self, world: World):
+        self.world = world
+
+    def measure(self, r: GenerationResult) -> dict[str, Any]:
+        return self.world.measure(r)
+
+
 class BackdoorProbe(Observer):
     """Share of triggered test inputs the best seed sends to the backdoor's target."""
 
@@ -323,7 +339,7 @@ class Tracking(Observer):
                 tags["forkpop.label_audit"] = x.audit
             if i in label_screened:
                 tags["forkpop.label_screened"] = "true"
-            final = {"samples": x.samples, "learn_seconds": x.seconds}
+            final = {"samples": x.samples, "learn_seconds": x.seconds, **getattr(x, "metrics", {})}
             if math.isfinite(x.val_accuracy):
                 final["val_accuracy"] = x.val_accuracy
             if x.preq_accuracy:

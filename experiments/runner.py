@@ -27,6 +27,7 @@ from forkpop.experiments.observers import (
     Observer,
     Progress,
     Tracking,
+    WorldProbe,
 )
 from forkpop.experiments.specs import data_spec, model_spec
 from forkpop.experiments.tracking import PATIENCE_ENV, NullTracker, Tracker, redact_tree, resolve_tracking_uri
@@ -61,6 +62,8 @@ class RunSummary:
     unaudited_poisoned_teachers: int = 0  # of those, teachers whose poisoned labels the audit did not read anew
     backdoor_success: float = float("nan")  # of the final seed
     driver_peak_rss: int = 0
+    world: dict[str, Any] = field(default_factory=dict)  # the world's figures of the last generation (text: lm.*)
+    samples: list[str] = field(default_factory=list)  # text world: samples of the final seed
 
 
 class PopulationRun:
@@ -228,6 +231,9 @@ class PopulationRun:
         observers[-1].close()  # the progress bar
         self.state, self.lineage = state, state.lineage
 
+        samples = self._samples(world, state)
+        if samples:
+            tracker.log_text("\n\n----\n\n".join(samples), "samples.txt")
         tracker.log_text(state.lineage.to_json(), "lineage.json")
         tracker.log_text(yaml.safe_dump(redact_tree(cfg.model_dump(mode="json")), sort_keys=False), "config.yaml")
         t0 = time.perf_counter()
@@ -243,8 +249,8 @@ class PopulationRun:
             seed_test_accuracy=last.seed_test_accuracy,
             best_individual_test_accuracy=world.fitness(model, best, "test"),
             ensemble_test_accuracy=ensemble_accuracy(model, teachers, x_test, y_test)
-            if len(teachers)
-            else float("nan"),
+            if len(teachers) and y_test is not None
+            else last.ensemble_test_accuracy,
             wall_seconds=time.perf_counter() - t_start,
             generations=cfg.run.generations,
             mlflow_run_id=run_id,
@@ -257,7 +263,17 @@ class PopulationRun:
             poisoned_teachers=sum(h.poisoned_teachers for h in history),
             unaudited_poisoned_teachers=sum(h.unaudited_poisoned_teachers for h in history),
             backdoor_success=last.backdoor_success,
+            world=dict(last.world),
+            samples=samples,
         )
+
+    def _samples(self, world: World, state: Any) -> list[str]:
+        """The final seed's samples (text world), also logged as the run's ``samples.txt``."""
+        n = self.cfg.lm.report_samples if self.cfg.data.world == "text" else 0
+        if n <= 0 or not hasattr(world, "samples"):
+            return []
+        seed = state.seeds[state.best_slot()]
+        return world.samples(seed.weights, n, 3 * self.cfg.lm.context, temperature=1.0, seed=self.cfg.run.seed)
 
     def observers(self, world: World, tracker: Tracker | NullTracker, done: int) -> list[Observer]:
         """Who receives each generation's result, in order: the probes (test figures,
@@ -270,6 +286,8 @@ class PopulationRun:
         ]
         if cfg.data.poison.kind == "backdoor":
             probes.append(BackdoorProbe(world, cfg.data.poison.target))
+        if type(world).measure is not World.measure:
+            probes.append(WorldProbe(world))
         return [
             *probes,
             Tracking(tracker, cfg.tracking.step_metrics, world.poisoned()),

@@ -78,5 +78,14 @@ def classification_world(cfg: ExperimentConfig) -> ClassificationWorld:
     return ClassificationWorld(data, learner_spec(cfg, data.plan))
 
 
+def text_world(cfg: ExperimentConfig):  # noqa: ANN201 - a TextWorld, imported when asked for
+    """The language-model world of ``cfg`` (``data.world: text``; see :mod:`forkpop.workers.text_world`)."""
+    from forkpop.selection import lm_distiller  # noqa: F401 - registers distill.method lm_kd
+    from forkpop.workers.text_world import text_world as build
+
+    return build(cfg)
+
+
 # A world plug-in is a factory ``(ExperimentConfig) -> World`` registered as kind ``worlds``.
 register("worlds", "classification", classification_world)
+register("worlds", "text", text_world)

@@ -94,6 +94,11 @@ class World(ABC):
         """``n`` inputs the population makes itself from ``real`` ones (model-collapse study)."""
         raise NotImplementedError(f"world {self.name!r} generates no inputs (distill.generated.kind={kind!r})")
 
+    def measure(self, result: Any) -> dict[str, Any]:
+        """The world's own figures for a generation's result (``{"world": {name: value}}``),
+        recorded with the generation (the text world: bits per byte, collapse measures)."""
+        return {}
+
     # -- labels (optional: worlds with labelled niches) -------------------------------------
     def labels(self, split: str) -> torch.Tensor | None:
         """The labels of ``split`` where the world has them (``transfer``: the niches' labels as

@@ -36,6 +36,7 @@ class Student:
     real_fraction: float = 1.0  # share of real inputs in its transfer set
     generated: int = 0  # generated inputs in its transfer set
     pool: Generated | None = None  # the slot's generated inputs after this distillation
+    tokens: int = 0  # tokens the student learned from (language models)
 
 
 @dataclass(frozen=True)
@@ -191,3 +192,6 @@ class Distiller:
 
 DISTILLERS: dict[str, type[Distiller]] = {"kd": Distiller}
 register("distillers", "kd", Distiller)
+
+# The text world's distiller (``lm_kd``) registers itself beside ``kd``.
+from forkpop.selection import lm_distiller  # noqa: E402, F401

@@ -202,6 +202,7 @@ class ForkTask:
     seed: int
     cost: float = 1.0  # expected work (samples x passes), for balancing groups across workers
     seed_index: int = 0  # which row of a stack of seeds ``(n_species, n_params)`` it forks
+    payload: Any = field(default=None, compare=False)  # what the world adds to its niche (generated text)
 
 
 @dataclass
@@ -227,6 +228,7 @@ class LearnResult:
     reason: str = ""
     audit: str = ""  # what the label audit changed in this variant's niche ("" nothing)
     train_accuracy: list[float] = field(default_factory=list)  # later passes (seen data)
+    metrics: dict[str, float] = field(default_factory=dict)  # a world's own figures (bits per byte, tokens, ...)
 
 
 class GroupLearner:
@@ -428,6 +430,7 @@ def pack_results(results: list[LearnResult]) -> dict:
         "lens": np.array(lens, dtype=np.int64),
         "ends": np.concatenate([np.asarray(r.epoch_ends, dtype=np.int64) for r in results] or [np.zeros(0, np.int64)]),
         "n_ends": np.array(ends, dtype=np.int64),
+        "metrics": [dict(r.metrics) for r in results],
     }
 
 
@@ -452,6 +455,7 @@ def unpack_results(p: dict) -> list[LearnResult]:
                 status=p["status"][i],
                 reason=p["reason"][i],
                 audit=p["audit"][i],
+                metrics=dict(p["metrics"][i]) if "metrics" in p else {},
             )
         )
         o, e, q = o + n, e + m, q + int(p["n_preq"][i])
