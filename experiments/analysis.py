@@ -37,6 +37,19 @@ PLOTS: dict[str, tuple[str, list[str]]] = {
         "Lineage",
         ["div.founders_alive", "div.effective_parents", "div.tmrca", "div.alive"],
     ),
+    # The text world (lm.*): held-out bits per byte on real text, and what its own text is like.
+    "lm_bits_per_byte": (
+        "Held-out bits per byte of the seed (test; 4-grams rare or frequent in the real corpus)",
+        ["lm.test_bpb", "lm.test_bpb_rare4", "lm.test_bpb_frequent4"],
+    ),
+    "lm_generated_text": (
+        "The generated text: distinct 4-grams, gzip ratio, rare-4-gram recall",
+        ["lm.gen_distinct4", "lm.gen_gzip_ratio", "lm.gen_rare4_recall"],
+    ),
+    "lm_generated_scores": (
+        "The generated text scored: generation 0's bits per byte on it, the seed's entropy",
+        ["lm.gen_bpb_by_gen0", "lm.gen_entropy_bits"],
+    ),
 }
 
 
@@ -52,6 +65,7 @@ class RunData:
     params: dict[str, str]
     lineage: Lineage
     matrices: dict[int, dict] = field(default_factory=dict)
+    samples: str = ""  # the text world: samples of the final seed (artifact samples.txt)
 
 
 def load_run(run_id: str, tracking_uri: str | None, matrices: bool = True) -> RunData:
@@ -88,6 +102,11 @@ def load_run(run_id: str, tracking_uri: str | None, matrices: bool = True) -> Ru
             if local:
                 for f in sorted(Path(local).glob("gen-*.json")):
                     out.matrices[int(f.stem.split("-")[1])] = json.loads(f.read_text())
+            if run.data.tags.get("forkpop.world") == "text":
+                try:
+                    out.samples = Path(client.download_artifacts(run_id, "samples.txt", tmp)).read_text()
+                except Exception:  # a run killed before its end has none
+                    out.samples = ""
     return out
 
 
@@ -324,7 +343,12 @@ def _html(data: RunData, figures: list[tuple[str, Path]]) -> str:
         f"<h1>forkpop run {html.escape(data.name)}</h1><p>MLflow run {html.escape(data.run_id)}; "
         f"{len(data.lineage)} births over {1 + max((v.generation for v in data.lineage), default=0)} generations.</p>"
         f"{imgs}<h2>Last generation</h2><table>{rows}</table>"
-        f"<details><summary>Config</summary><table>{cfg}</table></details></body></html>"
+        + (
+            f"<h2>Samples of the final seed</h2><pre style='white-space:pre-wrap'>{html.escape(data.samples)}</pre>"
+            if data.samples
+            else ""
+        )
+        + f"<details><summary>Config</summary><table>{cfg}</table></details></body></html>"
     )
 
 

@@ -117,7 +117,9 @@ def cmd_study(args: argparse.Namespace) -> int:
     if not path.exists():
         path = Path(__file__).parent / "configs" / f"study_{args.study}.yaml"
     if not path.exists():
-        return _fail(f"no study {args.study!r}: give a study YAML or a bundled name (diversity, selection, text, collapse)")
+        return _fail(
+            f"no study {args.study!r}: give a study YAML or a bundled name (diversity, selection, text, collapse)"
+        )
     from forkpop.experiments.text_study import cmd_text_study, study_kind
 
     if study_kind(path):
@@ -283,8 +285,9 @@ def _print_text_summary(s) -> None:  # noqa: ANN001 - RunSummary of a text-world
     if niches:
         print("per niche: " + ", ".join(f"{k} {v:.3f}" for k, v in niches.items()))
     print(
-        f"rare 4-grams {w.get('test_bpb_rare4', float('nan')):.3f}, frequent {w.get('test_bpb_frequent4', float('nan')):.3f} "
-        f"bits/byte; {w.get('tokens_per_s', float('nan')):,.0f} tokens/s learning"
+        f"rare 4-grams {w.get('test_bpb_rare4', float('nan')):.3f}, "
+        f"frequent {w.get('test_bpb_frequent4', float('nan')):.3f} bits/byte; "
+        f"{w.get('tokens_per_s', float('nan')):,.0f} tokens/s learning"
     )
     for text in s.samples[:2]:
         print("sample of the final seed: " + repr(text[:160]))

@@ -362,6 +362,13 @@ class DistillConfig(_Strict):
         description="Share of each transfer input's soft target taken from the teachers that learned its niche "
         "(the rest from the whole group); 0: every teacher speaks alike on every input.",
     )
+    hard: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="Text world (lm_kd): share of each position's target that is the true next byte (the rest is "
+        "the teachers' distribution): the student learns from the real text beside its teachers.",
+    )
     elitism: bool = Field(
         True,
         description="A student replaces its seed only when it is better with confidence on the acceptance split "
@@ -422,9 +429,9 @@ class LMConfig(_Strict):
     max_bytes_per_niche: int = Field(
         200_000, ge=1000, description="Cap on each niche's training bytes (files in split order)."
     )
-    probe_windows: int = Field(24, ge=1, description="Held-out windows per niche for fitness (validation).")
+    probe_windows: int = Field(12, ge=1, description="Held-out windows per niche for fitness (validation).")
     accept_windows: int = Field(24, ge=1, description="Held-out windows per niche for elitism only.")
-    test_windows: int = Field(96, ge=1, description="Held-out windows per niche for the test split (reported).")
+    test_windows: int = Field(48, ge=1, description="Held-out windows per niche for the test split (reported).")
     report_samples: int = Field(4, ge=0, description="Samples of the final seed in the run's records and report.")
     self_train: SelfTrainConfig = Field(
         default_factory=SelfTrainConfig, description="Learning from their own text (the model-collapse study)."

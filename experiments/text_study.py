@@ -35,9 +35,14 @@ def study_kind(path: Path) -> str | None:
 
 def load_text_study(path: Path) -> dict[str, Any]:
     raw = yaml.safe_load(path.read_text()) or {}
-    unknown = set(raw) - {"kind", "base", "seeds", "arms", "baselines"}
+    unknown = set(raw) - {"kind", "base", "seeds", "arms", "baselines", "set"}
     if unknown:
-        raise ConfigError(f"study {path}: unknown key {sorted(unknown)[0]!r}; use kind, base, seeds, arms, baselines")
+        raise ConfigError(
+            f"study {path}: unknown key {sorted(unknown)[0]!r}; use kind, base, seeds, set, arms, baselines"
+        )
+    sets = raw.get("set", [])
+    if not isinstance(sets, list) or not all(isinstance(x, str) for x in sets):
+        raise ConfigError(f"study {path}: 'set' must be a list of key=value overrides")
     seeds = raw.get("seeds", [0])
     if not isinstance(seeds, list) or not all(isinstance(s, int) and s >= 0 for s in seeds):
         raise ConfigError(f"study {path}: 'seeds' must be a list of non-negative integers")
@@ -50,6 +55,7 @@ def load_text_study(path: Path) -> dict[str, Any]:
         "seeds": seeds,
         "arms": arms,
         "baselines": raw.get("baselines", {}),
+        "set": sets,
     }
 
 
@@ -82,6 +88,7 @@ def pooled_baseline(
     run = PopulationRun(cfg, tracking=False, progress=False)
     run.load_data()
     world = run.world
+    torch.set_num_threads(world.driver_threads)
     st = core.start(world, seed, run.spec.initial())
     T = world.arch.context
     steps = max(1, int(round(tokens / (batch * T))))
@@ -119,6 +126,7 @@ def fedavg_baseline(cfg: ExperimentConfig, tokens: float, seed: int, lrs: tuple[
     run = PopulationRun(cfg, tracking=False, progress=False)
     run.load_data()
     world = run.world
+    torch.set_num_threads(world.driver_threads)
     st = core.start(world, seed, run.spec.initial())
     T, B = world.arch.context, cfg.lm.batch_size
     clients = cfg.population.size
@@ -158,7 +166,9 @@ def run_text_study(study: dict, base: ExperimentConfig, seeds: list[int], out: P
     b = study["baselines"] or {}
     lrs = tuple(float(x) for x in b.get("lr", [1e-3, 3e-3]))
     pooled_batch = int(b.get("pooled_batch", base.lm.batch_size))
-    methods: dict[str, dict[str, list]] = {k: {"bits_per_byte": [], "runs": []} for k in ("population", "pooled", "fedavg")}
+    methods: dict[str, dict[str, list]] = {
+        k: {"bits_per_byte": [], "runs": []} for k in ("population", "pooled", "fedavg")
+    }
     uri = args.tracking_uri
     fork_gain = []
     for seed in seeds:
@@ -264,7 +274,8 @@ def format_collapse(result: dict) -> str:
     ctrl = next((a for a in arms if a["mode"] == "replace" and a["real_fraction"] == 1.0), arms[0])
     c = np.array(ctrl["bits_per_byte"])
     lines = [
-        "| arm | bpb gen 0 | bpb last (mean ± sd) | vs control at last, per seed | rare-4 recall last / gen 0 | distinct-4 last |",
+        "| arm | bpb gen 0 | bpb last (mean ± sd) | vs control at last, per seed "
+        "| rare-4 recall last / gen 0 | distinct-4 last |",
         "|---|---|---|---|---|---|",
     ]
     for a in arms:
@@ -317,7 +328,7 @@ def plot_collapse(result: dict, out: Path) -> list[Path]:
 def cmd_text_study(args: Any, path: Path, resolve_config: Any) -> int:
     """The CLI's ``forkpop study`` for a study of kind text or collapse."""
     study = load_text_study(path)
-    base = load_config(resolve_config(str(study["base"])), args.set)
+    base = load_config(resolve_config(str(study["base"])), [*study["set"], *args.set])
     if base.data.world != "text":
         raise ConfigError(f"study {path}: base {study['base']!r} is not a text-world config (data.world: text)")
     seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else study["seeds"]

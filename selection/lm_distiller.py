@@ -4,7 +4,10 @@ The student learns the teachers' next-byte distributions (forward KL at ``temper
 windows of the transfer corpus: every niche's real training text, and, where the run learns
 from its own text (``lm.self_train.into``: transfer or both), the samples generated so far.
 A window of niche ``j`` takes ``own_niche`` of its target from the teacher that learned ``j``
-and the rest from the whole group (fitness-weighted). The student starts from the seed
+and the rest from the whole group (fitness-weighted); ``hard`` of each position's target is the
+true next byte (at temperature 1 the loss is then ``(1 - hard)`` KL to the teachers plus
+``hard`` cross-entropy on the text: the student learns from the text beside its teachers, so it
+is not bounded by them). The student starts from the seed
 (``init: previous``), the best teacher (``best``) or the teachers' weight average (``average``;
 ``data_average`` weighs each by its niche's size), keeps its best probe score (``eval_every``)
 and, once distilled, the group's text for the next generation is generated (by each niche's
@@ -44,14 +47,32 @@ class LMDistiller:
         batch_size: int = 32,
         eval_every: int = 25,
         own_niche: float = 0.5,
+        hard: float = 0.0,
         inherit: str = "crossover",
         **_: Any,  # the classification distiller's options (aggregate, screen, ...) do not apply
     ):
         self.spec = genome_spec
         self.init, self.temperature, self.steps, self.lr = init, temperature, steps, lr
         self.batch_size, self.eval_every, self.own_niche, self.inherit = batch_size, eval_every, own_niche, inherit
+        self.hard = hard
 
     def __call__(
+        self,
+        world: Any,
+        model: torch.nn.Module,
+        state: RunState,
+        group: TeacherGroup,
+        evals: Evaluations,
+        rng: np.random.Generator,
+    ) -> Student:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(max(threads, getattr(world, "driver_threads", threads)))
+        try:
+            return self._distill(world, model, state, group, evals, rng)
+        finally:
+            torch.set_num_threads(threads)
+
+    def _distill(
         self,
         world: Any,
         model: torch.nn.Module,
@@ -78,23 +99,29 @@ class LMDistiller:
         by_niche = {}
         for k, j in enumerate(niches):  # members are best first: the fittest teacher of each niche
             by_niche.setdefault(j, k)
-        probe = world.inputs("probe")
         best_w, best_f = student.flat()[0].clone(), world.fitness(model, student.flat()[0])
         B, tau, o = self.batch_size, self.temperature, self.own_niche
-        real_windows = 0
+        k = len(members)
+        cum = torch.cumsum(share.double(), 0).numpy()
         for step in range(self.steps):
-            which = gen.integers(0, world.n_niches, size=B)
-            rows = [sources[j].draw(1, gen)[0] for j in which]
-            x = torch.from_numpy(np.stack(rows))
-            real_windows += sum(int(sources[j].real_fraction >= 1.0) for j in which)
+            # Niches in turn from a random start (every niche's text alike), each window drawn
+            # from its niche's source (real text, and generated text where the run says so).
+            which = (int(gen.integers(world.n_niches)) + np.arange(B)) % world.n_niches
+            x = torch.from_numpy(np.stack([sources[j].draw(1, gen)[0] for j in which]))
+            # The group's fitness-weighted mean target, estimated by one teacher per window drawn
+            # by its share (the loss's gradient is linear in the target: unbiased), and the own
+            # niche's teacher for the own-niche share: two teacher passes per window, not k.
+            mean_t = np.minimum(np.searchsorted(cum, gen.random(B) * cum[-1], side="right"), k - 1)
+            own_t = np.array([by_niche.get(int(j), int(m)) for j, m in zip(which, mean_t, strict=True)])
             with torch.no_grad():
-                p = torch.softmax(teachers.logits(x[:, :-1].unsqueeze(0).expand(len(members), -1, -1)) / tau, -1)
-                target = (share[:, None, None, None] * p).sum(0)  # (B, T, V)
-                if o > 0:
-                    own = torch.tensor([by_niche.get(int(j), -1) for j in which])
-                    has = own >= 0
-                    if bool(has.any()):
-                        target[has] = (1 - o) * target[has] + o * p[own[has], torch.nonzero(has).flatten()]
+                if o <= 0:
+                    target = _teacher_probs(teachers, k, mean_t, x, tau)
+                else:
+                    both = _teacher_probs(teachers, k, np.concatenate([mean_t, own_t]), torch.cat([x, x]), tau)
+                    target = (1 - o) * both[:B] + o * both[B:]
+                if self.hard > 0:  # the true next byte's share: KL to this mixture = mixed soft and hard losses
+                    target.mul_(1 - self.hard)
+                    target.scatter_add_(-1, x[:, 1:, None], torch.full(x[:, 1:, None].shape, self.hard))
             student.step(x.unsqueeze(0), soft=target.unsqueeze(0), temperature=tau)
             if self.eval_every and ((step + 1) % self.eval_every == 0 or step + 1 == self.steps):
                 f = world.fitness(model, student.flat()[0])
@@ -103,7 +130,6 @@ class LMDistiller:
         if not self.eval_every:
             best_w = student.flat()[0]
             best_f = world.fitness(model, best_w)
-        del probe
         writers = torch.stack([tw[by_niche[j]] if j in by_niche else best_w for j in range(world.n_niches)])
         if world.spec.self_train.by == "seed":
             writers = best_w.expand(world.n_niches, -1)
@@ -137,6 +163,24 @@ class LMDistiller:
             w = torch.tensor(sizes, dtype=torch.float32)
             return (w[:, None] * tw).sum(0) / w.sum()
         raise ValueError(f"unknown distill.init {self.init!r}; use previous, best, average or data_average")
+
+
+def _teacher_probs(teachers: Any, k: int, who: np.ndarray, x: torch.Tensor, tau: float) -> torch.Tensor:
+    """Teacher ``who[i]``'s next-byte distributions at temperature ``tau`` on window ``x[i]``:
+    ``(B, T, V)``. The windows are grouped by teacher (padded to the largest group), so each
+    teacher reads only its own windows, all teachers in one pass."""
+    B = len(who)
+    counts = np.bincount(who, minlength=k)
+    width = int(counts.max())
+    slot = np.zeros(B, dtype=np.int64)
+    seen = np.zeros(k, dtype=np.int64)
+    for i, t in enumerate(who):
+        slot[i], seen[t] = seen[t], seen[t] + 1
+    tokens = torch.zeros(k, width, x.shape[1] - 1, dtype=torch.long)
+    tw, sw = torch.from_numpy(who), torch.from_numpy(slot)
+    tokens[tw, sw] = x[:, :-1]
+    probs = torch.softmax(teachers.logits(tokens) / tau, -1)  # (k, width, T, V)
+    return probs[tw, sw]
 
 
 register("distillers", "lm_kd", LMDistiller)

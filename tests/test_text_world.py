@@ -58,8 +58,18 @@ def test_a_text_run_records_bits_per_byte_collapse_measures_and_samples(tmp_path
     s = PopulationRun(cfg, tracking_uri=uri, progress=False).run()
     assert len(s.history) == 2
     w = s.world
-    for key in ("test_bpb", "test_bpb_rare4", "test_bpb_frequent4", "gen_distinct4", "gen_gzip_ratio",
-                "gen_rare4_recall", "gen_entropy_bits", "gen_bpb_by_gen0", "fork_own_gain_median", "tokens_per_s"):
+    for key in (
+        "test_bpb",
+        "test_bpb_rare4",
+        "test_bpb_frequent4",
+        "gen_distinct4",
+        "gen_gzip_ratio",
+        "gen_rare4_recall",
+        "gen_entropy_bits",
+        "gen_bpb_by_gen0",
+        "fork_own_gain_median",
+        "tokens_per_s",
+    ):
         assert np.isfinite(w[key]), key  # fmt: skip
     assert 0 < w["test_bpb"] < 8.5
     assert w["test_bpb_rare4"] > w["test_bpb_frequent4"]  # rare 4-grams are harder to predict
@@ -80,6 +90,12 @@ def test_a_text_run_records_bits_per_byte_collapse_measures_and_samples(tmp_path
     assert world["source"] == "stdlib" and len(world["sha256"]) == 64 and world["files"]
     kids = c.search_runs([c.get_run(s.mlflow_run_id).info.experiment_id], "tags.forkpop.origin = 'fork'")
     assert kids and "bpb_own" in kids[0].data.metrics and "seed_bpb_own" in kids[0].data.metrics
+    from forkpop.experiments.analysis import analyze
+
+    report = analyze(s.mlflow_run_id, tmp_path / "report", uri, progress=False)
+    text = report.read_text()
+    assert "Samples of the final seed" in text and (tmp_path / "report" / "lm_bits_per_byte.png").exists()
+    assert (tmp_path / "report" / "lm_generated_text.png").exists()
 
 
 def test_the_same_seed_gives_the_same_text_lineage_and_a_resumed_run_the_same_answer(tmp_path):

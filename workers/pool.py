@@ -58,7 +58,8 @@ def plan_workers(
         else:
             n_workers = max(1, int(int(resources.get("CPU", 1)) // max(cpus_per_worker, 1e-9)))
             if n_variants is not None and spec.engine == "batched":
-                n_workers = max(1, min(n_workers, n_variants // VARIANTS_PER_CPU_WORKER))
+                per = getattr(spec, "variants_per_worker", VARIANTS_PER_CPU_WORKER)
+                n_workers = max(1, min(n_workers, n_variants // per))
     if not gpus:
         slots = int(float(resources.get("CPU", 1)) // max(cpus_per_worker, 1e-9))
         n_workers = max(1, min(n_workers, slots))

@@ -16,6 +16,7 @@ early stopping), the next ``accept_windows`` the acceptance split (elitism only)
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -34,6 +35,9 @@ from forkpop.plugins import register
 
 LN2 = math.log(2.0)
 SPLITS = ("probe", "accept", "test")
+#: :meth:`TextWorld.predict` keeps every STRIDE-th position of a window (the later ones, with
+#: more context): diversity, entropies and the ensemble's figure need distributions, not all of them
+STRIDE = 16
 #: how the text world keeps its generated text in ``RunState.generated[slot]``:
 #: (bytes uint8 (L,), segments int64 (n, 3) = [niche, length, generation born], reference
 #: weights float32 (n_params,): the generation-0 model that scores each generation's samples)
@@ -71,12 +75,16 @@ class TextLearnerSpec:
     batch_size: int = 16
     torch_threads: int = 1
     device: str = "auto"
-    probe_windows: int = 24
+    probe_windows: int = 12
     accept_windows: int = 24
-    test_windows: int = 96
+    test_windows: int = 48
     self_train: SelfTrain = SelfTrain()
     learner: str = "text"
     import_roots: tuple[str, ...] = field(default=())
+    engine: str = "batched"  # a group's variants learn as one step (there is no other engine for LMs)
+    # A language model fills a core with fewer variants than the digits MLP: with 16 variants,
+    # two actors of 8 learn side by side on 2 cores.
+    variants_per_worker: int = 8
 
 
 def split_windows(corpus: TextCorpus, spec: TextLearnerSpec) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -260,6 +268,9 @@ class TextWorld(World):
 
     def __init__(self, corpus: TextCorpus, spec: TextLearnerSpec, seed_generator: int = 0):
         self.corpus, self.spec, self.arch = corpus, spec, spec.arch
+        # Distillation and the studies' baselines run in the driver while the workers wait: on
+        # every core this process may use.
+        self.driver_threads = max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
         self.splits = split_windows(corpus, spec)
         self.n_params = sum(p.numel() for p in ByteLM(self.arch, 0).parameters())
         g = np.random.default_rng([spec.text.seed, 11])
@@ -355,15 +366,15 @@ class TextWorld(World):
         return self.engine(weights).nll(x)
 
     def predict(self, model: torch.nn.Module, weights: torch.Tensor, x: torch.Tensor, with_hidden: bool = False) -> Any:
-        """Next-byte distributions at every 4th position of each window: ``(n, m * T/4, 256)``;
+        """Next-byte distributions at every ``STRIDE``-th position of each window: ``(n, m * T/STRIDE, 256)``;
         with ``with_hidden``, each variant's mean next-byte distribution per window ``(m, 256)``
         (an output-space representation: the world's models share no hidden layer worth comparing)."""
         eng = self.engine(weights)
         probs = []
         for a in range(0, len(x), 64):
             lg = eng.logits(x[a : a + 64, :-1].unsqueeze(0).expand(eng.P, -1, -1))
-            probs.append(torch.softmax(lg[:, :, ::4].float(), -1))
-        p = torch.cat(probs, 1)  # (n, m, T/4, V)
+            probs.append(torch.softmax(lg[:, :, STRIDE - 1 :: STRIDE].float(), -1))
+        p = torch.cat(probs, 1)  # (n, m, T/STRIDE, V)
         flat = p.reshape(p.shape[0], -1, p.shape[-1])
         if not with_hidden:
             return flat, []
@@ -378,7 +389,7 @@ class TextWorld(World):
 
     def fitness_of(self, probs: torch.Tensor, split: str = "probe") -> torch.Tensor:
         """Minus bits per byte of each row of ``probs`` (as :meth:`predict` gives them) on ``split``."""
-        y = self.inputs(split)[:, 1:][:, ::4].reshape(-1)
+        y = self.inputs(split)[:, 1:][:, STRIDE - 1 :: STRIDE].reshape(-1)
         p = probs.gather(2, y.expand(probs.shape[0], -1).unsqueeze(-1))[..., 0]
         return (p.double().clamp_min(1e-12).log2()).mean(-1).float()
 
@@ -442,7 +453,9 @@ class TextWorld(World):
             seg = pool[1].numpy()
             starts = np.concatenate([[0], np.cumsum(seg[:, 1])[:-1]])
             data = pool[0].numpy()
-            rows = [data[s : s + n] for s, (_nic, n, born) in zip(starts, seg, strict=True) if born == result.generation]
+            rows = [
+                data[s : s + n] for s, (_nic, n, born) in zip(starts, seg, strict=True) if born == result.generation
+            ]
             if rows:
                 fresh = np.stack([r[: min(len(q) for q in rows)] for r in rows])
         if fresh is not None:
