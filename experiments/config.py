@@ -433,6 +433,14 @@ class LMConfig(_Strict):
     accept_windows: int = Field(24, ge=1, description="Held-out windows per niche for elitism only.")
     test_windows: int = Field(48, ge=1, description="Held-out windows per niche for the test split (reported).")
     report_samples: int = Field(4, ge=0, description="Samples of the final seed in the run's records and report.")
+    pretrain_steps: int = Field(
+        0,
+        ge=0,
+        description="Steps the root seed learns the pooled real text before generation 0 (batch lm.batch_size "
+        "x 4, AdamW at pretrain_lr; cached per run seed under run.run_dir): the collapse study starts from a "
+        "model that writes text; 0: the root seed starts from its random initialisation.",
+    )
+    pretrain_lr: float = Field(3e-3, gt=0, description="Learning rate of the root seed's pretraining.")
     self_train: SelfTrainConfig = Field(
         default_factory=SelfTrainConfig, description="Learning from their own text (the model-collapse study)."
     )

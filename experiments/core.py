@@ -58,6 +58,9 @@ def start(world: World, run_seed: int, genome: Any, n_species: int = 1) -> RunSt
     init_rng = np.random.default_rng([run_seed, 2**31])
     model = world.build_model(int(init_rng.integers(0, 2**62)))
     weights = torch.nn.utils.parameters_to_vector(model.parameters()).detach().clone()
+    prepare = getattr(world, "prepare_root", None)  # e.g. the text world's pretraining on real text
+    if prepare is not None:
+        weights = prepare(weights, run_seed)
     root = Variant("g00-seed", genome, 0, Origin.SEED)
     lineage = Lineage()
     lineage.add(root)

@@ -165,7 +165,7 @@ def run_text_study(study: dict, base: ExperimentConfig, seeds: list[int], out: P
     the population's training tokens. Writes ``study.json`` and prints the table."""
     b = study["baselines"] or {}
     lrs = tuple(float(x) for x in b.get("lr", [1e-3, 3e-3]))
-    pooled_batch = int(b.get("pooled_batch", base.lm.batch_size))
+    pooled_batch = int(b.get("pooled_batch", base.distill.batch_size))  # the student's batch
     methods: dict[str, dict[str, list]] = {
         k: {"bits_per_byte": [], "runs": []} for k in ("population", "pooled", "fedavg")
     }

@@ -20,6 +20,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from functools import cached_property
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -79,6 +80,9 @@ class TextLearnerSpec:
     accept_windows: int = 24
     test_windows: int = 48
     self_train: SelfTrain = SelfTrain()
+    pretrain_steps: int = 0
+    pretrain_lr: float = 3e-3
+    cache_dir: str = ""  # where pretrained roots are kept (run.run_dir/.pretrained)
     learner: str = "text"
     import_roots: tuple[str, ...] = field(default=())
     engine: str = "batched"  # a group's variants learn as one step (there is no other engine for LMs)
@@ -397,6 +401,48 @@ class TextWorld(World):
         """Each acceptance window's mean log-likelihood per byte (nats): a paired test over windows."""
         return -self.nll(weights, "accept")[0].double().mean(-1)
 
+    def prepare_root(self, weights: torch.Tensor, run_seed: int) -> torch.Tensor:
+        """The root seed before generation 0: with ``lm.pretrain_steps``, its random
+        initialisation trained on the pooled real training text (windows drawn with
+        ``default_rng([run_seed, 303])``, ``4 x lm.batch_size`` per step), kept in
+        ``cache_dir`` under a key of everything it depends on, so the arms of a study that share
+        a run seed share one pretraining."""
+        spec = self.spec
+        if spec.pretrain_steps <= 0:
+            return weights
+        import hashlib
+
+        from safetensors.torch import load_file, save_file
+
+        batch = 4 * spec.batch_size
+        key = hashlib.sha256(
+            repr((self.corpus.sha256, self.arch, spec.pretrain_steps, spec.pretrain_lr, batch, run_seed)).encode()
+            + weights.numpy().tobytes()
+        ).hexdigest()[:24]
+        path = Path(spec.cache_dir or ".") / f"root-{key}.safetensors"
+        if path.is_file():
+            try:
+                return load_file(str(path))["weights"]
+            except Exception:  # a half-written or corrupt cache file: learn it again
+                path.unlink(missing_ok=True)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(self.driver_threads)
+        try:
+            eng = self.engine(weights, lr=[spec.pretrain_lr], clip=1.0)
+            data, L = self.corpus.pooled_train(), self.arch.context + 1
+            rng = np.random.default_rng([run_seed, 303])
+            for _ in range(spec.pretrain_steps):
+                starts = rng.integers(0, len(data) - L + 1, size=batch)
+                eng.step(torch.from_numpy(data[starts[:, None] + np.arange(L)].astype(np.int64))[None])
+            out = eng.flat()[0].contiguous()
+        finally:
+            torch.set_num_threads(threads)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        save_file({"weights": out}, str(tmp))
+        tmp.replace(path)
+        return out
+
     # -- generated text ---------------------------------------------------------------------
     def payload(self, state: Any, niche: int, slot: int = 0) -> np.ndarray | None:
         """The generated samples a fork of ``slot`` on ``niche`` learns from beside its real text."""
@@ -516,6 +562,9 @@ def text_learner_spec(cfg: Any) -> TextLearnerSpec:
         accept_windows=lm.accept_windows,
         test_windows=lm.test_windows,
         self_train=SelfTrain(**lm.self_train.model_dump()),
+        pretrain_steps=lm.pretrain_steps,
+        pretrain_lr=lm.pretrain_lr,
+        cache_dir=str(Path(cfg.run.run_dir).resolve() / ".pretrained"),
     )
 
 
