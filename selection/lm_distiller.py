@@ -19,6 +19,8 @@ It talks to the world only through the text world's methods (``engine``, ``trans
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -65,22 +67,10 @@ class LMDistiller:
         evals: Evaluations,
         rng: np.random.Generator,
     ) -> Student:
-        threads = torch.get_num_threads()
-        torch.set_num_threads(max(threads, getattr(world, "driver_threads", threads)))
-        try:
+        with _threads(getattr(world, "driver_threads", 1)):  # the workers wait: every core of the driver
             return self._distill(world, model, state, group, evals, rng)
-        finally:
-            torch.set_num_threads(threads)
 
-    def _distill(
-        self,
-        world: Any,
-        model: torch.nn.Module,
-        state: RunState,
-        group: TeacherGroup,
-        evals: Evaluations,
-        rng: np.random.Generator,
-    ) -> Student:
+    def _distill(self, world: Any, model: Any, state: RunState, group: TeacherGroup, evals: Any, rng: Any) -> Student:
         g = state.generation
         members = list(group.members)
         variants = evals.variants
@@ -163,6 +153,17 @@ class LMDistiller:
             w = torch.tensor(sizes, dtype=torch.float32)
             return (w[:, None] * tw).sum(0) / w.sum()
         raise ValueError(f"unknown distill.init {self.init!r}; use previous, best, average or data_average")
+
+
+@contextmanager
+def _threads(n: int) -> Iterator[None]:
+    """At least ``n`` torch threads inside the block, the number before it afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(before, n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _teacher_probs(teachers: Any, k: int, who: np.ndarray, x: torch.Tensor, tau: float) -> torch.Tensor:
