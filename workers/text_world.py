@@ -126,17 +126,27 @@ def bits_per_byte(nll: torch.Tensor) -> torch.Tensor:
     return nll.double().mean(dim=(1, 2)) / LN2
 
 
-def generated_for(pool: GeneratedText | None, niche: int) -> np.ndarray:
-    """The generated samples of ``niche`` in ``pool``, as ``(n, length)`` uint8 rows (empty: none)."""
+def generated_rows(pool: GeneratedText | None, niche: int | None = None, born: int | None = None) -> np.ndarray:
+    """The generated samples in ``pool`` (those of ``niche`` and/or made in generation ``born``,
+    where given), as ``(n, length)`` uint8 rows cut to the shortest (empty: none)."""
     if pool is None or len(pool[1]) == 0:
         return np.zeros((0, 0), dtype=np.uint8)
     data, seg = pool[0].numpy(), pool[1].numpy()
     starts = np.concatenate([[0], np.cumsum(seg[:, 1])[:-1]])
-    rows = [data[s : s + n] for s, (nic, n, _b) in zip(starts, seg, strict=True) if nic == niche]
+    rows = [
+        data[s : s + n]
+        for s, (nic, n, b) in zip(starts, seg, strict=True)
+        if (niche is None or nic == niche) and (born is None or b == born)
+    ]
     if not rows:
         return np.zeros((0, 0), dtype=np.uint8)
     width = min(len(r) for r in rows)
     return np.stack([r[:width] for r in rows])
+
+
+def generated_for(pool: GeneratedText | None, niche: int) -> np.ndarray:
+    """The generated samples of ``niche`` in ``pool``, as ``(n, length)`` uint8 rows (empty: none)."""
+    return generated_rows(pool, niche=niche)
 
 
 class WindowSource:
@@ -494,17 +504,8 @@ class TextWorld(World):
         out["tokens"] = float(sum(r.metrics.get("tokens", 0.0) for r in ev.results if getattr(r, "metrics", None)))
         out["tokens"] += float(sum(getattr(s, "tokens", 0) for s in result.students))
         pool = st.generated.get(st.best_slot())
-        fresh = None
-        if pool is not None and len(pool[1]):
-            seg = pool[1].numpy()
-            starts = np.concatenate([[0], np.cumsum(seg[:, 1])[:-1]])
-            data = pool[0].numpy()
-            rows = [
-                data[s : s + n] for s, (_nic, n, born) in zip(starts, seg, strict=True) if born == result.generation
-            ]
-            if rows:
-                fresh = np.stack([r[: min(len(q) for q in rows)] for r in rows])
-        if fresh is not None:
+        fresh = generated_rows(pool, born=result.generation)
+        if len(fresh):
             prompt = self.spec.self_train.prompt
             gen_part = [r[prompt:] for r in fresh]
             out["gen_distinct4"] = distinct_ngram_ratio(gen_part)
