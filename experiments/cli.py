@@ -352,7 +352,7 @@ def _launch_options(p: argparse.ArgumentParser, tracking_help: str) -> None:
         help="start the local Ray on this machine's network address so other nodes can join "
         "(run.reachable_ray; needs Ray token authentication); by default it listens on loopback only",
     )
-    p.add_argument("--backend", choices=["ray", "local"], default=None, help="override run.backend")
+    p.add_argument("--backend", choices=["auto", "ray", "local"], default=None, help="override run.backend")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -385,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="study", help="folder for study.json and the comparison plots")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key of every mode")
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default as for run)")
-    p.add_argument("--backend", choices=["ray", "local"], default=None, help="override run.backend")
+    p.add_argument("--backend", choices=["auto", "ray", "local"], default=None, help="override run.backend")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_study)
 

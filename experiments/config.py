@@ -38,8 +38,12 @@ class RunConfig(_Strict):
     name: str = Field("forkpop", description="Name of the run (MLflow run name, run directory prefix).")
     seed: int = Field(0, ge=0, description="Seeds fork noise, selection, mutation and distillation.")
     generations: int = Field(10, ge=1, description="Number of fork → learn → select → distill rounds.")
-    backend: Literal["ray", "local"] = Field("ray", description="Where learners run: Ray actors or in-process.")
-    address: str | None = Field(None, description="Ray cluster address; None starts a local Ray.")
+    backend: Literal["auto", "ray", "local"] = Field(
+        "auto",
+        description="Where learners run: Ray actors (ray), in this process (local), or auto: Ray when a "
+        "cluster address is given (run.address, --address, RAY_ADDRESS), else in this process.",
+    )
+    address: str | None = Field(None, description="Ray cluster address; None (with backend ray) starts a local Ray.")
     workers: int | None = Field(
         None,
         ge=1,

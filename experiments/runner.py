@@ -30,7 +30,7 @@ from forkpop.experiments.observers import (
     WorldProbe,
 )
 from forkpop.experiments.specs import data_spec, model_spec
-from forkpop.experiments.tracking import PATIENCE_ENV, NullTracker, Tracker, redact_tree, resolve_tracking_uri
+from forkpop.experiments.tracking import PATIENCE_ENV, RUN_KEY_TAG, NullTracker, Tracker, redact_tree, resolve_tracking_uri
 from forkpop.population.world import World
 from forkpop.selection import ensemble_accuracy
 from forkpop.selection.distiller import Distiller, GeneratedSpec
@@ -85,6 +85,7 @@ class PopulationRun:
         self.allow_unauthenticated_ray = allow_unauthenticated_ray
         self.progress = progress
         self.address = address or cfg.run.address
+        self.backend = resolve_backend(cfg.run.backend, self.address)
         stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S-%f")
         self.run_root = Path(cfg.run.run_dir)
         self.run_dir = contained(self.run_root, f"{cfg.run.name}-s{cfg.run.seed}-{stamp}", "run.name")
@@ -104,7 +105,7 @@ class PopulationRun:
     def load_data(self) -> None:
         """Load (and so check) the data, and check the Ray address: a bad path or partition, or
         an address refused, fails before Ray or MLflow start."""
-        if self.cfg.run.backend == "ray":  # refused before anything is recorded
+        if self.backend == "ray":  # refused before anything is recorded
             from forkpop.workers.ray_pool import check_address
 
             address = self.address or os.environ.get("RAY_ADDRESS")
@@ -127,31 +128,48 @@ class PopulationRun:
         if self.resume is not None:
             state = self._restore()
             last = GenerationRecord(**state["records"][-1]).metrics() if state["records"] else None
-            tracker.attach(self.resume["mlflow_run_id"], state["generation"], last)
+            if self.resume.get("mlflow_run_id") or not self.tracking:
+                tracker.attach(self.resume["mlflow_run_id"], state["generation"], last)
+            else:  # killed before the run's id was saved: the writer finds it by its key
+                tracker.start(*self._parent_run(self.resume.get("run_key")), resume=(state["generation"], last))
             return tracker
         (self.run_dir / "config.yaml").write_text(config_to_yaml(self.cfg))
         described = json.dumps(self.world.describe(), indent=1)
         (self.run_dir / "world.json").write_text(described)
-        tracker.start(
-            self.cfg.run.name,
-            tags={
-                "forkpop.kind": "population",
-                "forkpop.run_dir": str(self.run_dir.resolve()),
-                "forkpop.world": self.world.name,
-                **({"forkpop.standardized": str(self.data.scaling is not None).lower()} if self.data else {}),
-            },
-            params=_flatten(self.cfg.model_dump(mode="json")),
-        )
+        key = tracker.start(*self._parent_run(None))
+        # What resume needs to find this run again, before MLflow has said the run's id.
+        self._run_json = {"mlflow_run_id": None, "run_key": key, "tracking_uri": self.tracking_uri}
+        (self.run_dir / "run.json").write_text(json.dumps(self._run_json))
         tracker.log_text(described, "world.json")
         return tracker
 
+    def _parent_run(self, key: str | None) -> tuple[str, dict[str, str], dict[str, Any]]:
+        """The parent MLflow run's name, tags and params (``key``: its ``forkpop.run_key``)."""
+        tags = {
+            "forkpop.kind": "population",
+            "forkpop.run_dir": str(self.run_dir.resolve()),
+            "forkpop.world": self.world.name,
+            **({"forkpop.standardized": str(self.data.scaling is not None).lower()} if self.data else {}),
+            **({RUN_KEY_TAG: key} if key else {}),
+        }
+        return self.cfg.run.name, tags, _flatten(self.cfg.model_dump(mode="json"))
+
+    def _save_run_id(self, tracker: Tracker | NullTracker, wait: bool = False) -> None:
+        """Write the MLflow run's id into ``run.json`` once the writer has it (``wait``: now)."""
+        if self.resume is not None or not self.tracking or self._run_json.get("mlflow_run_id"):
+            return
+        run_id = tracker.wait_started() if wait else tracker.poll()
+        if run_id:
+            self._run_json["mlflow_run_id"] = run_id
+            (self.run_dir / "run.json").write_text(json.dumps(self._run_json))
+
     def _start_pool(self) -> Pool:
-        if self.cfg.run.backend == "ray":
+        if self.backend == "ray":
             from forkpop.workers.ray_pool import ensure_ray
 
             ensure_ray(self.address, self.cfg.run.num_cpus, self.allow_unauthenticated_ray, self.cfg.run.reachable_ray)
         return make_pool(
-            self.cfg.run.backend,
+            self.backend,
             self.learner_spec(),
             n_workers=self.cfg.run.workers,
             cpus_per_worker=self.cfg.run.cpus_per_worker,
@@ -182,9 +200,7 @@ class PopulationRun:
             fallback = next((w["reason"] for w in workers if w["engine"] == "loop"), None)
             if fallback and self.cfg.run.engine == "batched":
                 print(f"forkpop: variants learn one by one: {fallback}", file=sys.stderr)
-            if self.resume is None:  # what resume needs to find this run again
-                run_json = {"mlflow_run_id": tracker.wait_started(), "tracking_uri": self.tracking_uri}
-                (self.run_dir / "run.json").write_text(json.dumps(run_json))
+            self._save_run_id(tracker)
             self.startup_seconds = time.perf_counter() - t_start
             summary = self._evolve(pool, tracker, t_start)
             summary.workers = pool.describe()
@@ -216,6 +232,12 @@ class PopulationRun:
             tracker.log_variant(state.seeds[0].variant, {"val_accuracy": state.seeds[0].val})
         observers = self.observers(world, tracker, done=state.generation)
         totals: dict[str, float] = {}
+        report = partial(_report, observers, history, totals, world.poisoned())
+
+        def report_and_save_id(*args: Any) -> None:
+            report(*args)
+            self._save_run_id(tracker)
+
         state = core.evolve(
             state,
             cfg.run.generations,
@@ -226,7 +248,7 @@ class PopulationRun:
             distiller=build_distiller(cfg),
             elitism=cfg.distill.elitism,
             accept_z=cfg.distill.accept_z,
-            report=partial(_report, observers, history, totals, world.poisoned()),
+            report=report_and_save_id,
         )
         observers[-1].close()  # the progress bar
         self.state, self.lineage = state, state.lineage
@@ -237,6 +259,7 @@ class PopulationRun:
         tracker.log_text(state.lineage.to_json(), "lineage.json")
         tracker.log_text(yaml.safe_dump(redact_tree(cfg.model_dump(mode="json")), sort_keys=False), "config.yaml")
         t0 = time.perf_counter()
+        self._save_run_id(tracker, wait=True)
         run_id = tracker.wait_started()
         totals["tracking_writer"] = tracker.flush()
         totals["tracking_writer_cpu"] = tracker.cpu_seconds
@@ -317,6 +340,16 @@ class PopulationRun:
         # Killed before its first checkpoint: it starts again, in the same MLflow run.
         self._restored = {"generation": -1, "state": None, "records": []}
         return self._restored
+
+
+def resolve_backend(backend: str, address: str | None) -> str:
+    """``auto``: Ray when a cluster address is given (the argument, ``run.address`` or
+    ``RAY_ADDRESS``), else this process. On one machine Ray's start and stop (several seconds
+    here) outweigh what its actors add: with the batched engine one process with every core
+    learns a default population as fast as actors do."""
+    if backend != "auto":
+        return backend
+    return "ray" if address or os.environ.get("RAY_ADDRESS") else "local"
 
 
 def build_strategy(cfg: ExperimentConfig) -> Strategy:

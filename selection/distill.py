@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -112,6 +113,11 @@ def distill(
     if extra is not None:  # inputs whose soft targets are fixed already (earlier generations' labels)
         transfer_x = torch.cat([transfer_x, extra[0]])
         target = torch.cat([target, extra[1].to(target.dtype)])
+    shapes = _relu_mlp_shapes(model)
+    if shapes is not None and transfer_x.dtype == target.dtype == init.dtype == torch.float32:
+        return _distill_relu_mlp(
+            shapes, init, transfer_x, target, temperature, steps, lr, batch_size, generator, probe, eval_every
+        )
     load_flat_weights(model, init)
     params = list(model.parameters())
     adam = AdamState(params)
@@ -133,6 +139,102 @@ def distill(
     if keep:
         return best_w, losses
     return flat_weights(model), losses
+
+
+def _relu_mlp_shapes(model: nn.Module) -> list[tuple[int, int]] | None:
+    """``[(out, in), ...]`` of a ``Linear (ReLU Linear)*`` model with biases (the ``mlp``
+    family), whose distillation step :func:`_distill_relu_mlp` writes out by hand; else None."""
+    layers = list(model) if isinstance(model, nn.Sequential) else []
+    if not layers or len(layers) % 2 == 0:
+        return None
+    shapes = []
+    for i, m in enumerate(layers):
+        if i % 2 == 1:
+            if type(m) is not nn.ReLU:
+                return None
+        elif type(m) is not nn.Linear or m.bias is None:
+            return None
+        else:
+            shapes.append((m.out_features, m.in_features))
+    return shapes
+
+
+def _distill_relu_mlp(
+    shapes: list[tuple[int, int]],
+    init: torch.Tensor,
+    x: torch.Tensor,
+    target: torch.Tensor,
+    temperature: float,
+    steps: int,
+    lr: float,
+    batch_size: int,
+    generator: torch.Generator,
+    probe: tuple[torch.Tensor, torch.Tensor] | None,
+    eval_every: int,
+) -> tuple[torch.Tensor, list[float]]:
+    """:func:`distill`'s loop for a ReLU MLP with the backward written out and one Adam step
+    over the flat weight vector: the same batches (the same draws from ``generator``), loss,
+    gradients and update as autograd and :func:`adam_step` give, at a fraction of the per-step
+    overhead that dominates a model this small (a distillation is hundreds of tiny steps)."""
+    w = init.detach().clone()
+    views, off = [], 0
+    for o, i in shapes:  # nn.Linear's parameter order: weight (out, in), then bias (out,)
+        views.append((w[off : off + o * i].view(o, i), w[off + o * i : off + o * i + o]))
+        off += o * i + o
+    g = torch.zeros_like(w)
+    gviews, off = [], 0
+    for o, i in shapes:
+        gviews.append((g[off : off + o * i].view(o, i), g[off + o * i : off + o * i + o]))
+        off += o * i + o
+    m, v = torch.zeros_like(w), torch.zeros_like(w)
+    b1, b2, eps = 0.9, 0.999, 1e-8
+    t2 = temperature**2
+    # KL(target || p) = sum target * (log target - log p); its constant part once, 0 log 0 = 0
+    neg_entropy = torch.special.xlogy(target, target).sum(1)
+
+    def forward(a: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        acts = [a]
+        for k, (wk, bk) in enumerate(views):
+            a = torch.addmm(bk, a, wk.t())
+            if k < len(views) - 1:
+                a = a.clamp_min_(0.0)
+                acts.append(a)
+        return a, acts
+
+    def probe_accuracy() -> float:
+        with torch.no_grad():
+            z, _ = forward(probe[0])
+            return float((z.argmax(1) == probe[1]).float().mean())
+
+    n = len(x)
+    bs = min(batch_size, n)
+    losses = torch.empty(steps, dtype=torch.float64)
+    keep = eval_every > 0 and probe is not None
+    best_w, best_acc = w.clone(), probe_accuracy() if keep else 0.0
+    with torch.no_grad():
+        for step in range(1, steps + 1):
+            idx = torch.randint(n, (bs,), generator=generator)
+            tb = target[idx]
+            z, acts = forward(x[idx])
+            logp = torch.log_softmax(z / temperature, dim=1)
+            losses[step - 1] = (neg_entropy[idx].sum() - (tb * logp).sum()) * (t2 / bs)
+            # d loss / d z = T^2 / B * (softmax(z / T) - target) / T
+            d = logp.exp_().sub_(tb).mul_(temperature / bs)
+            for k in range(len(views) - 1, -1, -1):
+                gw, gb = gviews[k]
+                torch.mm(d.t(), acts[k], out=gw)
+                torch.sum(d, 0, out=gb)
+                if k:
+                    d = torch.mm(d, views[k][0]).mul_(acts[k] > 0)
+            c1, c2 = 1 - b1**step, math.sqrt(1 - b2**step)
+            m.lerp_(g, 1 - b1)
+            v.mul_(b2).addcmul_(g, g, value=1 - b2)
+            w.addcdiv_(m, v.sqrt().div_(c2).add_(eps), value=-lr / c1)
+            if keep and (step % eval_every == 0 or step == steps):
+                acc = probe_accuracy()
+                if acc >= best_acc:
+                    best_w, best_acc = w.clone(), acc
+    return (best_w if keep else w), losses.tolist()
 
 
 def own_niche_targets(

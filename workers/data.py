@@ -458,17 +458,56 @@ def _load_file(path: str, label_column: int = -1, label: str | None = None) -> _
         raise DataError(f"{shown} could not be read ({type(e).__name__}: {msg}); fix the file") from None
 
 
-def _stratified_split(y: np.ndarray, fraction: float | int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    from sklearn.model_selection import train_test_split
+def _approximate_mode(class_counts: np.ndarray, n_draws: int, rng: np.random.RandomState) -> np.ndarray:
+    """Samples per class in a stratified draw of ``n_draws``: the floored proportional share,
+    the rest to the largest remainders, ties broken by ``rng`` (scikit-learn's rule, so splits
+    are the ones ``train_test_split(stratify=...)`` makes)."""
+    continuous = class_counts / class_counts.sum() * n_draws
+    floored = np.floor(continuous)
+    need = int(n_draws - floored.sum())
+    if need > 0:
+        remainder = continuous - floored
+        for value in np.sort(np.unique(remainder))[::-1]:
+            (inds,) = np.where(remainder == value)
+            add = min(len(inds), need)
+            floored[rng.choice(inds, size=add, replace=False)] += 1
+            need -= add
+            if need == 0:
+                break
+    return floored.astype(int)
 
-    idx = np.arange(len(y))
-    try:
-        rest, held = train_test_split(idx, test_size=fraction, random_state=seed, stratify=y)
-    except ValueError as e:
+
+def _stratified_split(y: np.ndarray, fraction: float | int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows ``(rest, held)``: ``fraction`` (a share, or a count) held out, every class in
+    proportion. The same rows as scikit-learn's ``train_test_split(test_size=fraction,
+    random_state=seed, stratify=y)``, without importing scikit-learn (seconds of start-up)."""
+    n = len(y)
+    n_held = int(np.ceil(fraction * n)) if isinstance(fraction, float) else int(fraction)
+    n_rest = n - n_held
+    if not 0 < n_held < n:
+        raise DataError(f"cannot hold out {fraction} of {n} rows; use a fraction in (0, 1) or more data")
+    classes, y_idx, counts = np.unique(y, return_inverse=True, return_counts=True)
+    if counts.min() < 2:
         raise DataError(
-            f"cannot make a stratified split of {fraction} ({e}); use more data or a larger fraction"
-        ) from None
-    return np.asarray(rest), np.asarray(held)
+            f"cannot make a stratified split of {fraction}: class {classes[counts.argmin()]!r} has only 1 row; "
+            "use more data or drop that class"
+        )
+    if min(n_rest, n_held) < len(classes):
+        raise DataError(
+            f"cannot make a stratified split of {fraction}: {min(n_rest, n_held)} rows for {len(classes)} classes; "
+            "use more data or a larger fraction"
+        )
+    by_class = np.split(np.argsort(y_idx, kind="stable"), np.cumsum(counts)[:-1])
+    rng = np.random.RandomState(seed)
+    n_i = _approximate_mode(counts, n_rest, rng)
+    t_i = _approximate_mode(counts - n_i, n_held, rng)
+    rest: list[int] = []
+    held: list[int] = []
+    for i in range(len(classes)):
+        rows = by_class[i].take(rng.permutation(counts[i]), mode="clip")
+        rest.extend(rows[: n_i[i]])
+        held.extend(rows[n_i[i] : n_i[i] + t_i[i]])
+    return rng.permutation(rest).astype(np.int64), rng.permutation(held).astype(np.int64)
 
 
 @dataclass(frozen=True, eq=False)
