@@ -30,7 +30,14 @@ from forkpop.experiments.observers import (
     WorldProbe,
 )
 from forkpop.experiments.specs import data_spec, model_spec
-from forkpop.experiments.tracking import PATIENCE_ENV, RUN_KEY_TAG, NullTracker, Tracker, redact_tree, resolve_tracking_uri
+from forkpop.experiments.tracking import (
+    PATIENCE_ENV,
+    RUN_KEY_TAG,
+    NullTracker,
+    Tracker,
+    redact_tree,
+    resolve_tracking_uri,
+)
 from forkpop.population.world import World
 from forkpop.selection import ensemble_accuracy
 from forkpop.selection.distiller import Distiller, GeneratedSpec

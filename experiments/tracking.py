@@ -168,7 +168,9 @@ class Tracker:
         params = {k: redact(k, _param_str(v)) for k, v in params.items()}
         tags = {k: redact(k, str(v)) for k, v in tags.items()}
         tags.setdefault(RUN_KEY_TAG, uuid.uuid4().hex)
-        self._jobs.put(("start", run_name, tags, params) if resume is None else ("rejoin", run_name, tags, params, *resume))
+        self._jobs.put(
+            ("start", run_name, tags, params) if resume is None else ("rejoin", run_name, tags, params, *resume)
+        )
         return tags[RUN_KEY_TAG]
 
     def poll(self) -> str | None:

@@ -324,3 +324,16 @@ def test_a_cnn_learns_image_files_of_any_shape_end_to_end(tmp_path):
     assert r.seed_model.input_shape == (3, 6, 5)
     assert tuple(r.seed_model(torch.zeros(2, 90)).shape) == (2, 2)
     assert r.summary["seed_test_accuracy"] > 0.8
+
+
+@pytest.mark.parametrize("fraction,seed", [(0.08, 0), (0.25, 3), (100, 1)])
+def test_the_stratified_split_is_scikit_learns(fraction, seed):
+    """forkpop's own stratified split (no scikit-learn import at start-up) holds out the rows
+    ``train_test_split(stratify=...)`` does, so partitions made before are made again."""
+    from forkpop.workers.data import _stratified_split
+    from sklearn.model_selection import train_test_split
+
+    y = np.random.default_rng(seed).integers(0, 7, 400)
+    rest, held = train_test_split(np.arange(400), test_size=fraction, random_state=seed, stratify=y)
+    mine = _stratified_split(y, fraction, seed)
+    assert np.array_equal(mine[0], rest) and np.array_equal(mine[1], held)

@@ -155,3 +155,29 @@ def test_a_kill_between_a_checkpoint_and_its_generation_metrics_loses_no_metric(
     assert {k: v for k, v in after.items() if not k.startswith("time_")} == {
         k: v for k, v in before.items() if not k.startswith("time_")
     }
+
+
+def test_a_run_killed_before_mlflow_named_it_resumes_into_the_run_with_its_key(tmp_path):
+    """run.json is written before the tracking process has opened the parent run (start-up
+    does not wait on MLflow); a resume then finds that run by its ``forkpop.run_key``, or opens
+    it when the kill came before it was made, and ends with the lineage of a calm run."""
+    cfg = tiny_config(tmp_path, run={"generations": 2})
+    uri = f"sqlite:///{tmp_path}/m.db"
+    first = PopulationRun(cfg, tracking_uri=uri, progress=False)
+    s = first.run()
+    run_json = Path(s.run_dir) / "run.json"
+    saved = json.loads(run_json.read_text())
+    assert saved["mlflow_run_id"] == s.mlflow_run_id and saved["run_key"]
+    shutil.rmtree(Path(s.run_dir) / "checkpoints" / "gen-0001")  # killed after generation 0
+    run_json.write_text(json.dumps({**saved, "mlflow_run_id": None}))  # ... before the id was saved
+    again = PopulationRun(cfg, progress=False, resume_dir=Path(s.run_dir)).run()
+    assert again.mlflow_run_id == s.mlflow_run_id
+    assert lineage_from_mlflow(s.mlflow_run_id, uri) == first.lineage
+    status, _, kids, _ = _parent_metrics(uri, s.mlflow_run_id)
+    assert status == "FINISHED" and len(kids) == len(set(kids)) == len(first.lineage)
+
+    fresh = f"sqlite:///{tmp_path}/never.db"  # the kill came before the parent run was made
+    run_json.write_text(json.dumps({**saved, "mlflow_run_id": None, "tracking_uri": fresh}))
+    made = PopulationRun(cfg, progress=False, resume_dir=Path(s.run_dir)).run()
+    assert made.mlflow_run_id and made.mlflow_run_id != s.mlflow_run_id
+    assert json.loads(run_json.read_text())["tracking_uri"] == fresh

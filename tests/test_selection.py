@@ -136,3 +136,42 @@ def test_teachers_cluster_by_function_and_keep_their_slots():
     # Members of cluster 0 came mostly from slot 1, of cluster 1 also from slot 1: the
     # larger cluster keeps slot 1, the other takes the first free slot.
     assert assign_slots([[0, 1, 2], [3, 4]], [1, 1, 0, 1, 1], 2) == [1, 0]
+
+
+@pytest.mark.parametrize("hidden", [(16,), (12, 8)])
+def test_the_written_out_mlp_distillation_equals_autograd(hidden, monkeypatch):
+    """The ReLU-MLP loop (backward by hand, one flat Adam step) draws the same batches and
+    makes the same student as the generic autograd loop, probe-based early stopping included."""
+    import importlib
+
+    d = importlib.import_module("forkpop.selection.distill")
+    model = build_model("mlp", 8, 3, hidden, seed=0)
+    w = flat_weights(model)
+    teachers = torch.stack(
+        [w + 0.3 * torch.randn(w.shape, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    )
+    g = torch.Generator().manual_seed(1)
+    x, px = torch.rand(60, 8, generator=g), torch.rand(30, 8, generator=g)
+    py = torch.randint(0, 3, (30,), generator=g)
+    out = {}
+    for fast in (True, False):
+        if not fast:
+            monkeypatch.setattr(d, "_relu_mlp_shapes", lambda m: None)
+        for every in (0, 4):
+            out[fast, every] = d.distill(
+                model,
+                w.clone(),  # the autograd loop trains the model's parameters in place, views of init
+                teachers,
+                [0.9, 0.8, 0.7],
+                x,
+                steps=12,
+                lr=1e-3,
+                batch_size=16,
+                generator=torch.Generator().manual_seed(2),
+                probe=(px, py),
+                eval_every=every,
+            )
+    for every in (0, 4):
+        (wf, lf), (ws, ls) = out[True, every], out[False, every]
+        assert torch.allclose(wf, ws, atol=1e-5) and len(lf) == len(ls) == 12
+        assert max(abs(a - b) for a, b in zip(lf, ls, strict=True)) < 1e-5

@@ -83,3 +83,22 @@ def test_the_tracker_process_writes_and_reports_failures(tmp_path):
     with pytest.raises(TrackingError, match="failed"):
         bad.wait_started(timeout=60)
     bad.finish()
+
+
+def test_a_new_sqlite_store_is_a_copy_of_a_migrated_template(tmp_path):
+    """The copy holds MLflow's current schema and no experiment; MLflow opens it as its own."""
+    from forkpop.experiments.tracking import seed_sqlite_store
+    from mlflow import MlflowClient
+
+    cache = tmp_path / "cache"
+    for name in ("a.db", "b.db"):
+        assert seed_sqlite_store(f"sqlite:///{tmp_path / name}", cache_dir=cache)
+    assert not seed_sqlite_store(f"sqlite:///{tmp_path / 'a.db'}", cache_dir=cache)  # never over a store
+    assert not seed_sqlite_store("http://127.0.0.1:5000", cache_dir=cache)
+    assert len(list(cache.iterdir())) == 1
+    c = MlflowClient(f"sqlite:///{tmp_path / 'b.db'}")
+    exp = c.create_experiment("x", artifact_location=str(tmp_path / "art"))
+    run = c.create_run(exp)
+    c.log_metric(run.info.run_id, "m", 1.0)
+    assert c.get_run(run.info.run_id).data.metrics == {"m": 1.0}
+    assert sorted(e.name for e in c.search_experiments()) == ["Default", "x"]
