@@ -92,7 +92,7 @@ class PopulationRun:
         self.allow_unauthenticated_ray = allow_unauthenticated_ray
         self.progress = progress
         self.address = address or cfg.run.address
-        self.backend = resolve_backend(cfg.run.backend, self.address)
+        self.backend = resolve_backend(cfg.run.backend, self.address, cfg.run.reachable_ray)
         stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S-%f")
         self.run_root = Path(cfg.run.run_dir)
         self.run_dir = contained(self.run_root, f"{cfg.run.name}-s{cfg.run.seed}-{stamp}", "run.name")
@@ -349,14 +349,15 @@ class PopulationRun:
         return self._restored
 
 
-def resolve_backend(backend: str, address: str | None) -> str:
+def resolve_backend(backend: str, address: str | None, reachable_ray: bool = False) -> str:
     """``auto``: Ray when a cluster address is given (the argument, ``run.address`` or
-    ``RAY_ADDRESS``), else this process. On one machine Ray's start and stop (several seconds
-    here) outweigh what its actors add: with the batched engine one process with every core
-    learns a default population as fast as actors do."""
+    ``RAY_ADDRESS``) or a local Ray other machines may join (``run.reachable_ray``), else this
+    process. On one machine Ray's start and stop (several seconds here) outweigh what its actors
+    add: with the batched engine one process using every core learns a default population as
+    fast as one actor does."""
     if backend != "auto":
         return backend
-    return "ray" if address or os.environ.get("RAY_ADDRESS") else "local"
+    return "ray" if address or os.environ.get("RAY_ADDRESS") or reachable_ray else "local"
 
 
 def build_strategy(cfg: ExperimentConfig) -> Strategy:

@@ -32,8 +32,8 @@ def _watch(proc: subprocess.Popen, timeout: float = 300) -> tuple[set, set]:
     return seen, open_to_network
 
 
-def test_a_default_run_on_local_ray_listens_on_loopback_only(tmp_path):
-    cmd = [sys.executable, "-m", "forkpop.experiments.cli", "run", "digits", "--quiet"]
+def test_a_run_on_local_ray_listens_on_loopback_only(tmp_path):
+    cmd = [sys.executable, "-m", "forkpop.experiments.cli", "run", "digits", "--quiet", "--backend", "ray"]
     cmd += ["--set", f"run.run_dir={tmp_path}/runs", "--set", "run.generations=3"]
     cmd += ["--tracking-uri", f"sqlite:///{tmp_path}/m.db", "--summary", f"{tmp_path}/s.json"]
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}

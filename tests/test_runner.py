@@ -1,4 +1,5 @@
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -90,10 +91,11 @@ def test_same_seed_same_run_other_seed_other_run(tmp_path):
 def test_cli_smoke_writes_the_summary(tmp_path):
     out = tmp_path / "s.json"
     cmd = [sys.executable, "-m", "forkpop.experiments.cli", "run", str(ROOT / "experiments/configs/digits.yaml")]
-    cmd += ["--backend", "local", "--set", "run.generations=1", "--set", "population.size=4", "--set", "selection.k=2"]
+    cmd += ["--set", "run.generations=1", "--set", "population.size=4", "--set", "selection.k=2"]
     cmd += ["--set", f"run.run_dir={tmp_path}/runs", "--tracking-uri", f"sqlite:///{tmp_path}/m.db"]
     cmd += ["--summary", str(out), "--quiet"]
-    p = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=180)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=180, env=env)
     assert p.returncode == 0, p.stderr[-2000:]
     s = json.loads(out.read_text())
     for k in [
@@ -107,6 +109,7 @@ def test_cli_smoke_writes_the_summary(tmp_path):
     ]:
         assert k in s
     assert 0 <= s["seed_test_accuracy"] <= 1 and s["generations"] == 1
+    assert [w["node"] for w in s["workers"]] == ["local"]  # backend auto, no address: no Ray
     assert "final seed" in p.stdout and "top-k ensemble" in p.stdout
 
 
