@@ -466,6 +466,13 @@ class TrackingConfig(_Strict):
         "train_accuracy_epoch: the later ones, loss_epoch), or none. Full per-batch curves are always in steps/ "
         "artifacts.",
     )
+    variant_runs: Literal["auto", "all", "seeds"] = Field(
+        "auto",
+        description="Which births get a nested MLflow run of their own: all, or seeds (the seeds and distilled "
+        "students; every variant is still a row of the generation's variants/gen-NNNN.json table, which "
+        "lineage and analysis read). auto: all while a generation has at most 256 variants on a local store, "
+        "64 on a tracking server (a run there costs several requests), else seeds.",
+    )
     collapse_window: int = Field(
         3,
         ge=0,

@@ -8,6 +8,7 @@ exponential backoff, idempotently, for ``FORKPOP_TRACKING_PATIENCE_S`` seconds i
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import queue
@@ -929,8 +930,64 @@ def _param_str(v: Any) -> str:
     return s if len(s) <= 6000 else s[:5997] + "..."
 
 
+VARIANT_RUNS_LOCAL, VARIANT_RUNS_SERVER = 256, 64  # tracking.variant_runs=auto: nested runs up to this many
+
+
+def variant_runs_for(policy: str, n_variants: int, uri: str) -> bool:
+    """Whether each of a generation's ``n_variants`` forks gets a nested run
+    (``tracking.variant_runs``); seeds and students always do."""
+    if policy == "auto":
+        return n_variants <= (VARIANT_RUNS_LOCAL if _is_local_store(uri) else VARIANT_RUNS_SERVER)
+    return policy == "all"
+
+
+def variants_table(rows: list[dict[str, Any]]) -> str:
+    """A generation's variants as one JSON table, ``{"columns": [...], "data": [[...], ...]}``
+    (pandas' ``orient="split"``): the record of every birth, nested run or not."""
+    columns: list[str] = []
+    for r in rows:
+        columns += [k for k in r if k not in columns]
+    data = [[_json_value(r.get(c)) for c in columns] for r in rows]
+    return json.dumps({"columns": columns, "data": data}, separators=(",", ":"))
+
+
+def _json_value(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+def _table_variants(client: Any, run_id: str) -> list[dict]:
+    """The births recorded in the run's ``variants/`` tables."""
+    import tempfile
+
+    out = []
+    try:
+        files = [f.path for f in client.list_artifacts(run_id, "variants") if f.path.endswith(".json")]
+    except Exception:
+        return out
+    with tempfile.TemporaryDirectory() as tmp:
+        for path in sorted(files):
+            table = json.loads(Path(client.download_artifacts(run_id, path, tmp)).read_text())
+            for row in table["data"]:
+                r = dict(zip(table["columns"], row, strict=True))
+                genome = {k.removeprefix("gene."): float(v) for k, v in r.items() if k.startswith("gene.")}
+                out.append(
+                    Variant(
+                        id=r["id"],
+                        genome=Genome(genome),
+                        generation=int(r["generation"]),
+                        origin=Origin(r["origin"]),
+                        parents=tuple(p for p in (r.get("parents") or "").split(",") if p),
+                        niche=None if r.get("niche") in (None, "") else int(r["niche"]),
+                    ).to_dict()
+                )
+    return out
+
+
 def lineage_from_mlflow(run_id: str, tracking_uri: str | None = None) -> Lineage:
-    """Rebuild a population run's :class:`Lineage` from its nested MLflow runs alone."""
+    """Rebuild a population run's :class:`Lineage` from MLflow alone: its nested runs, and the
+    ``variants/`` tables for births without one (``tracking.variant_runs``)."""
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri)
@@ -954,4 +1011,6 @@ def lineage_from_mlflow(run_id: str, tracking_uri: str | None = None) -> Lineage
                 niche=int(t["forkpop.niche"]) if t.get("forkpop.niche") else None,
             ).to_dict()
         )
+    have = {r["id"] for r in records}
+    records += [r for r in _table_variants(client, run_id) if r["id"] not in have]
     return Lineage.from_dict({"variants": records})
