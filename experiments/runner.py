@@ -320,7 +320,9 @@ class PopulationRun:
             probes.append(WorldProbe(world))
         return [
             *probes,
-            Tracking(tracker, cfg.tracking.step_metrics, world.poisoned()),
+            Tracking(
+                tracker, cfg.tracking.step_metrics, world.poisoned(), cfg.tracking.variant_runs, self.tracking_uri
+            ),
             Checkpoints(self.run_dir),
             Progress(cfg.run.generations, done, self.progress),
         ]

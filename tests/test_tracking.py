@@ -102,3 +102,26 @@ def test_a_new_sqlite_store_is_a_copy_of_a_migrated_template(tmp_path):
     c.log_metric(run.info.run_id, "m", 1.0)
     assert c.get_run(run.info.run_id).data.metrics == {"m": 1.0}
     assert sorted(e.name for e in c.search_experiments()) == ["Default", "x"]
+
+
+def test_with_variant_runs_seeds_every_birth_is_still_in_mlflow(tmp_path):
+    """Large populations keep nested runs for seeds and students only: the forks are rows of
+    each generation's variants table, and the lineage rebuilt from MLflow is the whole one."""
+    from forkpop.experiments.runner import PopulationRun
+    from forkpop.experiments.tracking import lineage_from_mlflow, variant_runs_for
+    from mlflow import MlflowClient
+
+    from tests.conftest import tiny_config
+
+    assert variant_runs_for("auto", 256, "sqlite:///x.db") and not variant_runs_for("auto", 257, "sqlite:///x.db")
+    assert not variant_runs_for("auto", 65, "http://127.0.0.1:5000") and variant_runs_for("all", 10**6, "http://h")
+    uri = f"sqlite:///{tmp_path}/m.db"
+    run = PopulationRun(tiny_config(tmp_path, tracking={"variant_runs": "seeds"}), tracking_uri=uri, progress=False)
+    s = run.run()
+    c = MlflowClient(uri)
+    kids = c.search_runs(
+        [c.get_run(s.mlflow_run_id).info.experiment_id], f"tags.mlflow.parentRunId = '{s.mlflow_run_id}'"
+    )
+    assert {k.data.tags["forkpop.origin"] for k in kids} == {"seed", "distill"}
+    assert lineage_from_mlflow(s.mlflow_run_id, uri) == run.lineage
+    assert len(run.lineage) > len(kids)
