@@ -6,6 +6,7 @@ import torch
 from forkpop.population import build_model, flat_weights
 from forkpop.population.models import MODEL_FAMILIES
 from forkpop.workers import DataSpec, ForkTask, GroupLearner, LearnerSpec, ModelSpec
+from forkpop.workers import engine as engine_mod
 from forkpop.workers.engine import BatchedEngine, plan_engine, resolve_device
 from torch import nn
 
@@ -22,10 +23,22 @@ GENOMES = [
     {"lr": 1e3, "momentum": 0.99, "weight_decay": 0.0, "epochs": 5, "fork_noise": 0.0},
 ]
 TASKS = [ForkTask(f"v{i}", (2 * i + 1) % 6, g, 100 + i) for i, g in enumerate(GENOMES)]
+# No clip gene in the group: the stacked engine's fused step (gradients added straight into
+# the momentum buffers) instead of the one that clips whole gradients first.
+UNCLIPPED = [ForkTask(t.variant_id, t.niche, {k: v for k, v in t.genome.items() if k != "clip"}, t.seed) for t in TASKS]
 
 
-def _learn(family, hidden, engine, tasks=TASKS):
-    learner = GroupLearner(LearnerSpec(DATA, ModelSpec(family, hidden), batch_size=16, engine=engine))
+@pytest.fixture
+def torch_threads():
+    """Restores the process's torch thread count (a learner sets it) after the test."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def _learn(family, hidden, engine, tasks=TASKS, threads=1):
+    spec = LearnerSpec(DATA, ModelSpec(family, hidden), batch_size=16, torch_threads=threads, engine=engine)
+    learner = GroupLearner(spec)
     d = learner.data
     w0 = flat_weights(build_model(family, d.n_features, d.n_classes, hidden, seed=3))
     w, res = learner.learn(w0, tasks)
@@ -57,6 +70,38 @@ def test_batched_engine_equals_the_loop(family, hidden, kind):
     _, *loop = _learn(family, hidden, "loop")
     _assert_same(loop, batched)
     assert batched[1][-1].status == "diverged" and sum(r.status == "ok" for r in batched[1]) == 5
+
+
+@pytest.mark.parametrize("family,hidden", [("mlp", (32,)), ("mlp", (24, 16)), ("linear", ())])
+def test_the_fused_step_equals_the_loop(family, hidden):
+    _, *batched = _learn(family, hidden, "batched", UNCLIPPED)
+    _, *loop = _learn(family, hidden, "loop", UNCLIPPED)
+    _assert_same(loop, batched)
+    assert batched[1][-1].status == "diverged" and sum(r.status == "ok" for r in batched[1]) == 5
+
+
+def test_parts_on_threads_learn_exactly_as_one_stack(monkeypatch, torch_threads):
+    """With two torch threads the group is dealt into one part per thread; each variant
+    learns bit for bit as in one stack, and the thread count is back after."""
+    monkeypatch.setattr(engine_mod, "MIN_PART", 1)
+    for tasks in (TASKS, UNCLIPPED):
+        _, w1, r1 = _learn("mlp", (24, 16), "batched", tasks, threads=1)
+        learner, w2, r2 = _learn("mlp", (24, 16), "batched", tasks, threads=2)
+        assert learner.engine._n_parts(len(tasks)) == 2 and torch.get_num_threads() == 2
+        assert torch.equal(w1, w2)
+        assert [r.loss for r in r1] == [r.loss for r in r2] and [r.status for r in r1] == [r.status for r in r2]
+        assert [r.preq_accuracy for r in r1] == [r.preq_accuracy for r in r2]
+        assert [r.val_accuracy for r in r1] == pytest.approx([r.val_accuracy for r in r2], nan_ok=True)
+
+
+def test_only_stacked_groups_split_into_parts(torch_threads):
+    """functional_call swaps the one shared module's parameters: a vmap group never splits."""
+    spec = LearnerSpec(DATA, ModelSpec("cnn", (4, 8)), batch_size=16, torch_threads=2, engine="batched")
+    learner = GroupLearner(spec)
+    assert learner.plan.kind == "vmap" and learner.engine._n_parts(64) == 1
+    learner = GroupLearner(LearnerSpec(DATA, ModelSpec("mlp", (32,)), batch_size=16, torch_threads=2))
+    two = 2 * engine_mod.MIN_PART  # variants enough for two parts
+    assert [learner.engine._n_parts(n) for n in (1, two - 1, two, 64)] == [1, 1, 2, 2]
 
 
 def test_models_torch_func_batches_equal_the_loop():
@@ -99,10 +144,11 @@ def extra_families():
     del MODEL_FAMILIES["_act"], MODEL_FAMILIES["_bn"]
 
 
-def test_every_supported_activation_batches_exactly(extra_families):
-    learner, *batched = _learn("_act", (), "batched", TASKS[:4])
+@pytest.mark.parametrize("tasks", [TASKS[:4], UNCLIPPED[:4]], ids=["clipped", "fused"])
+def test_every_supported_activation_batches_exactly(extra_families, tasks):
+    learner, *batched = _learn("_act", (), "batched", tasks)
     assert learner.plan.kind == "stacked"
-    _, *loop = _learn("_act", (), "loop", TASKS[:4])
+    _, *loop = _learn("_act", (), "loop", tasks)
     _assert_same(loop, batched)
 
 
@@ -116,9 +162,10 @@ def test_a_model_with_buffers_falls_back_to_the_loop_and_says_why(extra_families
         BatchedEngine(_WithBatchNorm(64, 10), plan, *[torch.zeros(1)] * 4, [], 16)
 
 
-def test_the_batched_engine_is_deterministic_and_order_free():
-    _, w1, r1 = _learn("mlp", (32,), "batched")
-    _, w2, r2 = _learn("mlp", (32,), "batched", TASKS[::-1])
+@pytest.mark.parametrize("tasks", [TASKS, UNCLIPPED], ids=["clipped", "fused"])
+def test_the_batched_engine_is_deterministic_and_order_free(tasks):
+    _, w1, r1 = _learn("mlp", (32,), "batched", tasks)
+    _, w2, r2 = _learn("mlp", (32,), "batched", tasks[::-1])
     assert torch.equal(w1, w2.flip(0))
     assert [r.loss for r in r1] == [r.loss for r in r2[::-1]]
 

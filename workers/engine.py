@@ -20,12 +20,22 @@ Variants are ordered by their number of steps, longest first, so the variants st
 learning at any step are a prefix of the stack: finished ones simply drop off the end, no
 copies. A variant whose loss becomes non-finite or explodes is stopped at that step (its
 weights are kept from before the step), exactly as the per-variant loop does.
+
+On a CPU with several torch threads, a large enough ``stacked`` group is dealt into one part
+per thread, each learning on its own thread with one torch thread (see :func:`_in_threads`).
+For the ``stacked`` models without gradient clipping the SGD step is fused into the backward
+pass: the momentum buffers are decayed first and the gradient products accumulate straight
+into them, then one update per parameter (see :meth:`BatchedEngine._learn_part`).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -37,6 +47,12 @@ EXPLODED = 100.0
 
 ENGINES = ("batched", "loop")
 DEVICES = ("auto", "cpu", "cuda")
+
+# Fewer variants than this per thread and a CPU group learns in one part: with fewer, each
+# step's Python and dispatch overhead (~100 small ops) outweighs the halved matrix products.
+MIN_PART = 8
+
+T = TypeVar("T")
 
 
 def resolve_device(pref: str = "auto") -> torch.device:
@@ -104,35 +120,67 @@ def plan_engine(model: nn.Module, n_features: int, n_classes: int) -> EnginePlan
 # -- stacked parameters: two implementations of one interface ----------------------------------
 
 
-def _softmax_xent(z: torch.Tensor, y: torch.Tensor, w: torch.Tensor | None, inv_cnt: torch.Tensor | None):
-    """Loss, correct count and d(loss)/d(logits) per variant; logits ``z`` are ``(k, C, B)``.
+def _softmax_xent(
+    z: torch.Tensor,
+    y: torch.Tensor,
+    w: torch.Tensor | None,
+    inv_cnt: torch.Tensor | None,
+    scale: bool = True,
+    minus_one: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """Loss ``(k,)``, correct count ``(k,)`` and d(loss)/d(logits) ``(k, C, B)`` per variant,
+    for logits ``z`` ``(k, C, B)`` and labels ``y`` ``(k, B)``.
 
-    The loss of a variant is the mean cross-entropy over its real samples (``w`` masks the
-    padding of a short batch; ``inv_cnt`` is 1 / real samples).
+    The loss of a variant is the mean cross-entropy over its real samples (``w`` ``(k, B)``
+    masks the padding of a short batch; ``inv_cnt`` ``(k,)`` is 1 / real samples). A sample
+    counts as correct when its label's logit is the largest. The last value returned is the
+    factor still to apply to the gradient: 1, or with ``scale=False`` and a full batch 1 / B,
+    which the caller folds into its matrix products (``alpha``) instead of one more pass.
+    ``minus_one`` is a ``(k, 1, B)`` tensor of -1 the caller keeps (one op less per step).
     """
-    k, _, b = z.shape
-    yi = y.unsqueeze(1)  # (k, 1, B)
-    m = z.amax(1, keepdim=True)
-    e = (z - m).exp_()
-    s = e.sum(1, keepdim=True)
-    zy = z.gather(1, yi)
-    ce = (m + s.log() - zy).squeeze(1)  # (k, B)
-    hit = (zy >= m).squeeze(1)  # the label's logit is the largest
-    p = e.div_(s)
-    p.scatter_(1, yi, p.gather(1, yi) - 1.0)  # softmax - one-hot
+    b = z.shape[2]
+    yi = y.view(-1, 1, b)
+    hit = z.gather(1, yi) >= z.amax(1, keepdim=True)  # (k, 1, B)
+    logp = torch.log_softmax(z, 1)
+    ce = F.nll_loss(logp, y.view(-1, b), reduction="none")  # (k, B): -log p(label)
+    p = logp.exp_()
+    if minus_one is None:
+        minus_one = torch.full(yi.shape, -1.0, dtype=p.dtype, device=p.device)
+    p.scatter_add_(1, yi, minus_one)  # softmax - one-hot
     if w is None:
         loss = ce.mean(1)
-        correct = hit.sum(1)
+        correct = hit.sum((1, 2))
+        if not scale:
+            return loss, correct, p, 1.0 / b
         p.mul_(1.0 / b)
     else:
         loss = (ce * w).sum(1) * inv_cnt
-        correct = (hit & (w > 0)).sum(1)
+        correct = (hit.squeeze(1) & (w > 0)).sum(1)
         p.mul_((w * inv_cnt.unsqueeze(1)).unsqueeze(1))
-    return loss, correct, p
+    return loss, correct, p, 1.0
+
+
+@dataclass
+class _LayerViews:
+    """One Linear layer's tensors for the first ``k`` variants of a step (views, kept while
+    ``k`` stays): weight ``(k, out, in)``, bias ``(k, out, 1)`` or None, the weight
+    transposed, and step buffers ``(k, out, B)`` for its output and ``(k, in, B)`` for the
+    gradient of its input (None for the first layer, whose input needs none)."""
+
+    w: torch.Tensor
+    b: torch.Tensor | None
+    wt: torch.Tensor
+    out: torch.Tensor
+    out_t: torch.Tensor
+    grad_in: torch.Tensor | None
 
 
 class _LinearStack:
-    """A chain of Linear layers and activations over stacked weights, backward written out."""
+    """A chain of Linear layers and activations over stacked weights, backward written out.
+
+    A learning step keeps its outputs in buffers reused from step to step (the same memory
+    stays in cache, where fresh outputs would stream in cold) and takes its views once per
+    ``k`` (about 3 us each here: a few dozen a step add up)."""
 
     def __init__(self, template: nn.Module, flats: torch.Tensor):
         chain = _linear_chain(template)
@@ -157,8 +205,41 @@ class _LinearStack:
                 self.ops.append(("act", m))
         if o != flats.shape[1]:
             raise ValueError(f"weights have {flats.shape[1]} values but the model has {o}")
+        self._bufs: dict[tuple[str, int], torch.Tensor] = {}
+        self._views: tuple[int, int, list[_LayerViews | None], torch.Tensor] | None = None
+
+    def _at(self, k: int, b: int) -> tuple[list[_LayerViews | None], torch.Tensor]:
+        """Per op, its layer's views for ``k`` variants and batches of ``b`` (None for an
+        activation), and a ``(k, 1, b)`` tensor of -1; built again when ``k`` or ``b`` changes."""
+        if self._views is not None and self._views[:2] == (k, b):
+            return self._views[2], self._views[3]
+        p0 = self.params[0]
+        n = p0.shape[0]
+        views: list[_LayerViews | None] = []
+        first = True
+        for i, op in enumerate(self.ops):
+            if op[0] != "linear":
+                views.append(None)
+                continue
+            w = self.params[op[1]]
+            out_f, in_f = w.shape[1], w.shape[2]
+            out = self._buf(("out", i), (n, out_f, b), p0)[:k]
+            grad_in = None if first else self._buf(("grad", i), (n, in_f, b), p0)[:k]
+            bias = self.params[op[2]][:k] if op[2] >= 0 else None
+            views.append(_LayerViews(w[:k], bias, w[:k].transpose(1, 2), out, out.transpose(1, 2), grad_in))
+            first = False
+        minus_one = self._buf(("minus_one", 0), (n, 1, b), p0).fill_(-1.0)[:k]
+        self._views = (k, b, views, minus_one)
+        return views, minus_one
+
+    def _buf(self, key: tuple[str, int], shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        buf = self._bufs.get(key)
+        if buf is None or tuple(buf.shape) != shape:
+            buf = self._bufs[key] = like.new_empty(shape)
+        return buf
 
     def _forward(self, k: int, a: torch.Tensor):
+        """Logits ``(k, C, B)`` of inputs ``a`` ``(k, D, B)``, and every op's saved tensor."""
         saved = []
         for op in self.ops:
             if op[0] == "linear":
@@ -170,20 +251,53 @@ class _LinearStack:
                 saved.append(a)
         return a, saved
 
-    def loss_grad(self, k, x, y, w, inv_cnt):
-        z, saved = self._forward(k, x.transpose(1, 2))
-        loss, correct, d = _softmax_xent(z, y, w, inv_cnt)
+    def loss_grad(
+        self,
+        k: int,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        w: torch.Tensor | None,
+        inv_cnt: torch.Tensor | None,
+        acc: list[torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor | None]]:
+        """Loss ``(k,)``, correct ``(k,)`` and gradients of the first ``k`` variants on
+        inputs ``x`` ``(k, B, D)`` and labels ``y`` ``(k, B)`` (see :func:`_softmax_xent`).
+
+        With ``acc`` (one tensor ``(k, *shape)`` per parameter) each gradient is added into
+        its ``acc`` tensor by the product that computes it, and none is returned.
+        """
+        views, minus_one = self._at(k, x.shape[1])
+        # forward; ins[i]: the input of op i transposed ((k, B, features): what its weight
+        # gradient multiplies), outs[i]: its output (an activation's is its input, in place)
+        a, a_t = x.transpose(1, 2), x
+        ins: list[torch.Tensor] = []
+        outs: list[torch.Tensor] = []
+        for op, v in zip(self.ops, views, strict=True):
+            ins.append(a_t)
+            if v is not None:
+                a = torch.baddbmm(v.b, v.w, a, out=v.out) if v.b is not None else torch.bmm(v.w, a, out=v.out)
+                a_t = v.out_t
+            else:
+                a = _act_forward(op[1], a)
+            outs.append(a)
+        loss, correct, d, alpha = _softmax_xent(a, y, w, inv_cnt, scale=acc is None, minus_one=minus_one)
         grads: list[torch.Tensor | None] = [None] * len(self.params)
         for i in range(len(self.ops) - 1, -1, -1):
-            op, a = self.ops[i], saved[i]
-            if op[0] == "linear":
-                grads[op[1]] = torch.bmm(d, a.transpose(1, 2))
-                if op[2] >= 0:
-                    grads[op[2]] = d.sum(2, keepdim=True)
-                if i > 0:
-                    d = torch.bmm(self.params[op[1]][:k].transpose(1, 2), d)
+            op, v = self.ops[i], views[i]
+            if v is None:
+                d = _act_backward(op[1], d, outs[i])
+                continue
+            _, wi, bi = op
+            if acc is None:
+                grads[wi] = torch.bmm(d, ins[i])
+                if bi >= 0:
+                    grads[bi] = d.sum(2, keepdim=True)
             else:
-                d = _act_backward(op[1], d, a)
+                acc[wi].baddbmm_(d, ins[i], alpha=alpha)
+                if bi >= 0:
+                    acc[bi].add_(d.sum(2, keepdim=True), alpha=alpha)
+            if v.grad_in is not None:
+                d = torch.bmm(v.wt, d, out=v.grad_in)
         return loss, correct, grads
 
     @torch.no_grad()
@@ -205,14 +319,16 @@ def _act_forward(m: nn.Module, z: torch.Tensor) -> torch.Tensor:
 
 
 def _act_backward(m: nn.Module, d: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """Gradient through an activation from its output (every supported one is monotone)."""
+    """Gradient through an activation from its output (every supported one is monotone),
+    written over ``d``."""
+    aten = torch.ops.aten
     if isinstance(m, nn.ReLU):
-        return torch.ops.aten.threshold_backward(d, out, 0)
+        return aten.threshold_backward.grad_input(d, out, 0, grad_input=d)
     if isinstance(m, nn.Tanh):
-        return torch.ops.aten.tanh_backward(d, out)
+        return aten.tanh_backward.grad_input(d, out, grad_input=d)
     if isinstance(m, nn.Sigmoid):
-        return torch.ops.aten.sigmoid_backward(d, out)
-    return torch.ops.aten.leaky_relu_backward(d, out, m.negative_slope, True)
+        return aten.sigmoid_backward.grad_input(d, out, grad_input=d)
+    return aten.leaky_relu_backward.grad_input(d, out, m.negative_slope, True, grad_input=d)
 
 
 class _FuncStack:
@@ -292,6 +408,45 @@ class VariantRecord:
     train_accuracy: list[float] = field(default_factory=list)  # later passes (seen data)
 
 
+@dataclass
+class _Part:
+    """What one part of a group learned (``m`` variants, ``t`` steps, in the part's order)."""
+
+    final: torch.Tensor  # (m, n_params) weights after learning (a stopped one's from before its step)
+    loss: np.ndarray  # (t, m) loss per step, NaN after a variant's last step
+    hits: np.ndarray  # (t, m) correct predictions per step
+    death: np.ndarray  # (m,) the step a variant was stopped at, -1 for none
+    reasons: dict[int, str]  # why a stopped variant was stopped
+    val_hits: np.ndarray  # (m,) correct predictions on the validation split
+
+
+def _in_threads(jobs: list[Callable[[], T]]) -> list[T]:
+    """Run ``jobs`` at once, one thread each with one torch thread; their results, in order.
+
+    A group's matrix products are small (a few hundred kFLOP per variant and step): torch's
+    intra-op threads, which meet after every op, share them badly, and stall on every op
+    while another process holds one of the cores. A whole part of the group per thread
+    meets once per call instead; torch lets go of the GIL inside its ops. The process's
+    torch thread count is 1 meanwhile and restored after.
+    """
+    if len(jobs) == 1:
+        return [jobs[0]()]
+
+    def one(job: Callable[[], T]) -> T:
+        torch.set_num_threads(1)  # this thread's own OpenMP and MKL settings
+        return job()
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(len(jobs) - 1, thread_name_prefix="forkpop-engine") as pool:
+            futures = [pool.submit(one, job) for job in jobs[1:]]
+            first = jobs[0]()
+            return [first, *(f.result() for f in futures)]
+    finally:
+        torch.set_num_threads(threads)
+
+
 class BatchedEngine:
     """Trains groups of variants of one model on the niche streams of one data set.
 
@@ -350,94 +505,39 @@ class BatchedEngine:
         n = flats.shape[0]
         if n == 0:
             return flats.clone(), []
-        dev, bsz = self.device, self.batch_size
         niche = np.asarray(niches, dtype=np.int64) % len(self.nb)
         nb = self.nb[niche]
         steps = nb * np.maximum(np.asarray(epochs, dtype=np.int64), 1)
         order = np.argsort(-steps, kind="stable")  # longest first: the learning ones are a prefix
         steps_s, nb_s, off_s = steps[order], nb[order], self.off[niche[order]]
         t_max = int(steps_s[0])
-        active = np.searchsorted(-steps_s, -np.arange(t_max), side="left")  # variants with steps > t
-        short = self._short_steps(off_s, nb_s, steps_s, t_max)
+        # (4, n) in stack order: lr, momentum, weight decay, clip (0: none)
+        hyper = np.stack([np.asarray(v, dtype=np.float64) for v in (lr, momentum, weight_decay, clip or [0.0] * n)])
+        hyper = hyper[:, order]
+        y_pool = self.y_pool if labels is None else labels.to(self.device)
+        stacked = flats[torch.from_numpy(order)]
 
-        stack_cls = _LinearStack if self.plan.kind == "stacked" else _FuncStack
-        stack = stack_cls(self.template, flats[torch.from_numpy(order)].to(dev, torch.float32))
-        params = stack.params
-        bufs = [torch.zeros_like(p) for p in params]
-
-        def per_variant(values: list[float]) -> torch.Tensor:
-            return torch.tensor(np.asarray(values, dtype=np.float64)[order], dtype=torch.float32, device=dev)
-
-        hyper = {"lr": per_variant(lr), "mom": per_variant(momentum), "wd": per_variant(weight_decay)}
-        clip_d = per_variant(clip) if clip is not None and any(c > 0 for c in clip) else None
-        shaped = {(name, p.dim()): v.view(-1, *([1] * (p.dim() - 1))) for name, v in hyper.items() for p in params}
-        off_d = torch.from_numpy(off_s).to(dev)
-        nb_d = torch.from_numpy(nb_s).to(dev)
-        pos = torch.zeros(n, dtype=torch.long, device=dev)
-        alive = torch.ones(n, dtype=torch.bool, device=dev)
-        thr = torch.full((n,), math.inf, device=dev)
-        loss_hist = torch.full((t_max, n), math.nan, device=dev)
-        hit_hist = torch.zeros((t_max, n), dtype=torch.int32, device=dev)
+        # Dealt round-robin, each part stays sorted longest first and gets an even share of the steps.
+        n_parts = self._n_parts(n)
+        parts = [np.arange(j, n, n_parts) for j in range(n_parts)]
+        jobs = [
+            partial(self._learn_part, stacked[torch.from_numpy(m)], steps_s[m], nb_s[m], off_s[m], hyper[:, m], y_pool)
+            for m in parts
+        ]
+        loss_np = np.full((t_max, n), np.nan, dtype=np.float32)
+        hit_np = np.zeros((t_max, n), dtype=np.int32)
+        final = torch.empty(n, flats.shape[1])
         death = np.full(n, -1, dtype=np.int64)
         dead_reason: dict[int, str] = {}
-        snapshots: dict[int, torch.Tensor] = {}
-        arange_b = torch.arange(bsz, device=dev)
+        val_hits = np.zeros(n, dtype=np.int64)
+        for m, part in zip(parts, _in_threads(jobs), strict=True):
+            loss_np[: len(part.loss), m] = part.loss
+            hit_np[: len(part.hits), m] = part.hits
+            final[torch.from_numpy(m)] = part.final
+            death[m] = part.death
+            dead_reason.update({int(m[i]): why for i, why in part.reasons.items()})
+            val_hits[m] = part.val_hits
 
-        y_pool = self.y_pool if labels is None else labels.to(dev)
-        with torch.no_grad():
-            for t in range(t_max):
-                k = int(active[t])
-                rows = off_d[:k] + pos[:k]
-                idx = self.table[rows]
-                x, y = self.x_pool[idx], y_pool[idx]
-                w = inv = None
-                if short[t]:
-                    cnt = self.table_cnt[rows]
-                    w = (arange_b < cnt.unsqueeze(1)).to(x.dtype)
-                    inv = 1.0 / cnt.to(x.dtype)
-                loss, correct, grads = stack.loss_grad(k, x, y, w, inv)  # torch.func ignores no_grad
-                if t == 0:
-                    thr = EXPLODED * loss.clamp(min=1e-3)
-                    bad = ~torch.isfinite(loss)
-                else:
-                    bad = ~(torch.isfinite(loss) & (loss <= thr[:k]))
-                bad &= alive[:k]
-                if bool(bad.any()):  # rare: stop those variants here, before this step's update
-                    for i in torch.nonzero(bad).flatten().tolist():
-                        death[i] = t
-                        lv = float(loss[i])
-                        first = float(thr[i]) / EXPLODED
-                        dead_reason[i] = (
-                            f"non-finite loss at step {t}"
-                            if not math.isfinite(lv)
-                            else f"loss exploded to {lv:.3g} at step {t} (first {first:.3g})"
-                        )
-                        snapshots[i] = torch.cat([p[i].reshape(-1) for p in params])
-                    alive[:k] &= ~bad
-                if clip_d is not None:
-                    norm = torch.sqrt(sum(gr.reshape(k, -1).pow(2).sum(1) for gr in grads))
-                    coef = torch.clamp(clip_d[:k] / (norm + 1e-6), max=1.0)
-                    coef = torch.where(clip_d[:k] > 0, coef, torch.ones_like(coef))
-                    for gr in grads:
-                        gr.mul_(coef.view(-1, *([1] * (gr.dim() - 1))))
-                for p, g, b in zip(params, grads, bufs, strict=True):
-                    d = p.dim()
-                    pk, bk = p[:k], b[:k]
-                    g.addcmul_(shaped["wd", d][:k], pk)
-                    bk.mul_(shaped["mom", d][:k]).add_(g)
-                    pk.addcmul_(shaped["lr", d][:k], bk, value=-1.0)
-                loss_hist[t, :k] = loss
-                hit_hist[t, :k] = correct.to(torch.int32)
-                pos[:k].add_(1).remainder_(nb_d[:k])
-
-            final = torch.cat([p.reshape(n, -1) for p in params], 1)
-            for i, snap in snapshots.items():
-                final[i] = snap
-            val_hits = (stack.logits(self.x_val).argmax(-1) == self.y_val).sum(1).cpu().numpy()
-
-        loss_np = loss_hist.cpu().numpy()
-        hit_np = hit_hist.cpu().numpy()
-        final = final.cpu()
         records: list[VariantRecord] = [VariantRecord() for _ in range(n)]
         for s in range(n):  # s: position in the sorted stack
             rec = records[order[s]]
@@ -460,6 +560,142 @@ class BatchedEngine:
         out = torch.empty_like(final)
         out[torch.from_numpy(order)] = final
         return out, records
+
+    def _n_parts(self, n: int) -> int:
+        """How many parts a group of ``n`` learns in: for a ``stacked`` model on a CPU one per
+        torch thread, at least :data:`MIN_PART` variants each; else one (on a GPU one stream
+        does it all, and torch.func's ``functional_call`` swaps the parameters of the one
+        shared module while it runs, so it runs on one thread)."""
+        if self.device.type != "cpu" or self.plan.kind != "stacked":
+            return 1
+        return max(1, min(torch.get_num_threads(), n // MIN_PART))
+
+    def _learn_part(
+        self,
+        flats: torch.Tensor,
+        steps_s: np.ndarray,
+        nb_s: np.ndarray,
+        off_s: np.ndarray,
+        hyper: np.ndarray,
+        y_pool: torch.Tensor,
+    ) -> _Part:
+        """Learn one part of a group: ``flats`` ``(m, n_params)`` sorted by ``steps_s`` (longest
+        first) with their niches' batch counts ``nb_s`` and table offsets ``off_s`` ``(m,)`` and
+        ``hyper`` ``(4, m)`` (lr, momentum, weight decay, clip)."""
+        dev, bsz = self.device, self.batch_size
+        m = flats.shape[0]
+        t_max = int(steps_s[0])
+        active = np.searchsorted(-steps_s, -np.arange(t_max), side="left")  # variants with steps > t
+        short = self._short_steps(off_s, nb_s, steps_s, t_max)
+
+        stack_cls = _LinearStack if self.plan.kind == "stacked" else _FuncStack
+        stack = stack_cls(self.template, flats.to(dev, torch.float32))
+        params = stack.params
+        bufs = [torch.zeros_like(p) for p in params]
+        lr_d, mom_d, wd_d, clip_d = (torch.tensor(v, dtype=torch.float32, device=dev) for v in hyper)
+        clipped = bool((hyper[3] > 0).any())
+        decayed = bool((hyper[2] != 0).any())
+        # Without clipping (which needs each whole gradient first) the stacked products add
+        # the gradients straight into the decayed momentum buffers: SGD in three passes.
+        fused = self.plan.kind == "stacked" and not clipped
+
+        def shaped(v: torch.Tensor, k: int) -> list[torch.Tensor]:
+            return [v[:k].view(-1, *([1] * (p.dim() - 1))) for p in params]
+
+        off_d = torch.from_numpy(off_s).to(dev)
+        nb_d = torch.from_numpy(nb_s).to(dev)
+        # The batches' sample indices, a block of steps at a time: a step takes a view, no op.
+        block = max(1, min(64, (1 << 22) // (m * bsz)))
+        dead = torch.zeros(m, dtype=torch.bool, device=dev)
+        thr = torch.full((m,), math.inf, device=dev)
+        losses: list[torch.Tensor] = []  # per step (k,), stacked once at the end
+        hits: list[torch.Tensor] = []
+        death = np.full(m, -1, dtype=np.int64)
+        reasons: dict[int, str] = {}
+        snapshots: dict[int, torch.Tensor] = {}
+        arange_b = torch.arange(bsz, device=dev)
+        # inputs and labels go to buffers kept from step to step (with index_select: far
+        # cheaper than x_pool[idx]); y as (k, 1, B), the shape the loss gathers with
+        x_buf = self.x_pool.new_empty(m * bsz, self.x_pool.shape[1])
+        y_buf = y_pool.new_empty(m * bsz)
+        k_views = -1
+        with torch.no_grad():
+            for t in range(t_max):
+                k = int(active[t])
+                if k != k_views:  # the first k variants' views, taken again when one finishes
+                    k_views = k
+                    pk, bk = [p[:k] for p in params], [b[:k] for b in bufs]
+                    lr_k, mom_k, wd_k = shaped(lr_d, k), shaped(mom_d, k), shaped(wd_d, k)
+                    x_k, y_k = x_buf[: k * bsz], y_buf[: k * bsz]
+                    x, y = x_k.view(k, bsz, -1), y_k.view(k, 1, bsz)
+                    thr_k, dead_k = thr[:k], dead[:k]
+                j = t % block
+                if j == 0:
+                    ts = torch.arange(t, min(t + block, t_max), device=dev)
+                    rows_blk = torch.remainder(ts.unsqueeze(1), nb_d).add_(off_d)  # (T, m) table rows
+                    idx_blk = self.table[rows_blk].view(len(ts), -1).unbind(0)  # T x (m * B,) samples
+                torch.index_select(self.x_pool, 0, idx_blk[j][: k * bsz], out=x_k)
+                torch.index_select(y_pool, 0, idx_blk[j][: k * bsz], out=y_k)
+                w = inv = None
+                if short[t]:
+                    cnt = self.table_cnt.index_select(0, rows_blk[j, :k])
+                    w = (arange_b < cnt.unsqueeze(1)).to(x.dtype)
+                    inv = 1.0 / cnt.to(x.dtype)
+                if fused:
+                    # b <- momentum * b + weight_decay * p, then the backward adds the gradient
+                    torch._foreach_mul_(bk, mom_k)
+                    if decayed:
+                        torch._foreach_addcmul_(bk, wd_k, pk)
+                    loss, correct, grads = stack.loss_grad(k, x, y, w, inv, acc=bk)
+                else:
+                    loss, correct, grads = stack.loss_grad(k, x, y.view(k, bsz), w, inv)  # torch.func ignores no_grad
+                if t == 0:
+                    thr.copy_(loss.clamp(min=1e-3).mul_(EXPLODED))
+                    bad = ~torch.isfinite(loss)
+                # A cross-entropy is never -inf: ``loss <= thr`` fails exactly on the NaN, +inf
+                # and exploded ones; one test and one sync for the common step, where none is.
+                elif bool((loss <= thr_k).logical_or_(dead_k).all()):
+                    bad = None
+                else:
+                    bad = ~(torch.isfinite(loss) & (loss <= thr_k))
+                if bad is not None and bool((bad := bad & ~dead_k).any()):
+                    # rare: stop those variants here, before this step's update
+                    for i in torch.nonzero(bad).flatten().tolist():
+                        death[i] = t
+                        lv = float(loss[i])
+                        first = float(thr[i]) / EXPLODED
+                        reasons[i] = (
+                            f"non-finite loss at step {t}"
+                            if not math.isfinite(lv)
+                            else f"loss exploded to {lv:.3g} at step {t} (first {first:.3g})"
+                        )
+                        snapshots[i] = torch.cat([p[i].reshape(-1) for p in params])
+                    dead_k |= bad
+                if not fused:
+                    if clipped:
+                        norm = torch.sqrt(sum(gr.reshape(k, -1).pow(2).sum(1) for gr in grads))
+                        coef = torch.clamp(clip_d[:k] / (norm + 1e-6), max=1.0)
+                        coef = torch.where(clip_d[:k] > 0, coef, torch.ones_like(coef))
+                        torch._foreach_mul_(grads, shaped(coef, k))
+                    # g <- g + weight_decay * p; b <- momentum * b + g (the loop's order)
+                    torch._foreach_addcmul_(grads, wd_k, pk)
+                    torch._foreach_mul_(bk, mom_k)
+                    torch._foreach_add_(bk, grads)
+                torch._foreach_addcmul_(pk, lr_k, bk, value=-1.0)
+                losses.append(loss)
+                hits.append(correct)
+
+            final = torch.cat([p.reshape(m, -1) for p in params], 1)
+            for i, snap in snapshots.items():
+                final[i] = snap
+            val_hits = (stack.logits(self.x_val).argmax(-1) == self.y_val).sum(1).cpu().numpy()
+        # the steps' values, row t holding the first active[t] variants' (NaN / 0 after)
+        learning = np.arange(m)[None, :] < active[:, None]
+        loss_np = np.full((t_max, m), np.nan, dtype=np.float32)
+        hit_np = np.zeros((t_max, m), dtype=np.int32)
+        loss_np[learning] = torch.cat(losses).cpu().numpy()
+        hit_np[learning] = torch.cat(hits).cpu().numpy()
+        return _Part(final.cpu(), loss_np, hit_np, death, reasons, val_hits)
 
     def _short_steps(self, off_s: np.ndarray, nb_s: np.ndarray, steps_s: np.ndarray, t_max: int) -> np.ndarray:
         """Per step: does any learning variant get a batch shorter than batch_size?"""
