@@ -773,6 +773,12 @@ class _Writer:
         if generation in getattr(self, "logged_steps", ()):
             return
         ts = _now_ms() if ts is None else ts
+        if self.bulk is not None and not retry:
+            try:
+                self.bulk.metrics(self.run_id, [(k, v, generation) for k, v in metrics.items()], ts)
+                return
+            except Exception as e:  # an MLflow whose tables differ: the client API, from now on
+                self.bulk, self.bulk_off_reason = None, f"{type(e).__name__}: {e}"
         self._log_metrics(self.run_id, [Metric(k, v, ts, generation) for k, v in metrics.items()], retry)
 
     def text(self, text: str, name: str, ts: int | None = None, retry: bool = False) -> None:
@@ -882,6 +888,41 @@ class _BulkSql:
             ):
                 if rows:
                     session.execute(model.__table__.insert(), rows)
+
+    def metrics(self, run_id: str, points: list[tuple[str, float, int]], ts: int) -> None:
+        """Metric points ``(key, value, step)`` of one run, and its latest metrics, in one
+        transaction: what the store's ``log_batch`` writes (same de-duplication, same rule for
+        the latest point: the greatest ``(step, timestamp, value)``), without its per-row ORM."""
+        from mlflow.store.tracking.dbmodels.models import SqlLatestMetric, SqlMetric
+
+        rows, seen = [], set()
+        for key, v, step in points:
+            is_nan, value = _sql_metric_value(v)
+            if (key, step, value, is_nan) not in seen:
+                seen.add((key, step, value, is_nan))
+                rows.append({"key": key, "value": value, "timestamp": ts, "step": int(step), "is_nan": is_nan})
+        newest: dict[str, dict] = {}
+        for r in rows:
+            b = newest.get(r["key"])
+            if b is None or (r["step"], r["timestamp"], r["value"]) > (b["step"], b["timestamp"], b["value"]):
+                newest[r["key"]] = r
+        if not rows:
+            return
+        table = SqlLatestMetric.__table__
+        with self.store.ManagedSessionMaker(read_only=False) as session:
+            session.execute(SqlMetric.__table__.insert(), [{**r, "run_uuid": run_id} for r in rows])
+            old = {
+                m.key: (m.step, m.timestamp, m.value)
+                for m in session.execute(
+                    table.select().where(table.c.run_uuid == run_id, table.c.key.in_(sorted(newest)))
+                )
+            }
+            newer = [k for k, r in newest.items() if k not in old or (r["step"], r["timestamp"], r["value"]) > old[k]]
+            stale = [k for k in newer if k in old]
+            if stale:  # replaced in two statements, not one UPDATE per key
+                session.execute(table.delete().where(table.c.run_uuid == run_id, table.c.key.in_(stale)))
+            if newer:
+                session.execute(table.insert(), [{**newest[k], "run_uuid": run_id} for k in newer])
 
 
 def _sql_metric_value(v: float) -> tuple[bool, float]:

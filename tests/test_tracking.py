@@ -21,11 +21,32 @@ VARIANTS = [
 ]
 
 
+GENERATIONS = [
+    {"seed_val_accuracy": 0.5, "div.kl": math.nan, "time_learn": 1.5},
+    {"seed_val_accuracy": 0.75, "div.kl": math.inf, "time_learn": 1.5},
+    {"seed_val_accuracy": 0.7, "div.kl": -1.0, "new_key": 2.0},
+]
+
+
+def _parent(client, w):
+    hist = {
+        k: sorted(
+            (m.step, m.timestamp, "nan" if math.isnan(m.value) else m.value)
+            for m in client.get_metric_history(w.run_id, k)
+        )
+        for k in client.get_run(w.run_id).data.metrics
+    }
+    latest = {k: "nan" if math.isnan(v) else v for k, v in client.get_run(w.run_id).data.metrics.items()}
+    return hist, latest
+
+
 def _write(uri, experiment, bulk):
     w = _Writer(uri, experiment, None, use_bulk=bulk)
     w.start("parent", {"forkpop.kind": "population"}, {"p": "1"})
     assert (w.bulk is not None) == bulk
     w.variants(VARIANTS)
+    for g, m in enumerate(GENERATIONS):
+        w.generation(g, m, ts=1000 + g)
     assert (w.bulk is not None) == bulk, w.bulk_off_reason
     return w
 
@@ -60,6 +81,8 @@ def test_one_transaction_writes_what_the_client_api_writes(tmp_path):
     assert set(a) == {"g01-v000", "g01-seed"}
     assert a == b
     assert a["g01-v000"][0][0] == "FINISHED"
+    assert _parent(client, slow) == _parent(client, fast)  # the generations' metrics of the parent run
+    assert _parent(client, fast)[1]["seed_val_accuracy"] == 0.7
 
 
 def test_the_tracker_process_writes_and_reports_failures(tmp_path):
