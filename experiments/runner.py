@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -145,7 +146,12 @@ class PopulationRun:
         (self.run_dir / "world.json").write_text(described)
         key = tracker.start(*self._parent_run(None))
         # What resume needs to find this run again, before MLflow has said the run's id.
-        self._run_json = {"mlflow_run_id": None, "run_key": key, "tracking_uri": self.tracking_uri}
+        self._run_json = {
+            "mlflow_run_id": None,
+            "run_key": key,
+            "tracking_uri": self.tracking_uri,
+            "tracked_marks": True,
+        }
         (self.run_dir / "run.json").write_text(json.dumps(self._run_json))
         tracker.log_text(described, "world.json")
         return tracker
@@ -160,6 +166,13 @@ class PopulationRun:
             **({RUN_KEY_TAG: key} if key else {}),
         }
         return self.cfg.run.name, tags, _flatten(self.cfg.model_dump(mode="json"))
+
+    def _mark_tracked(self, generations: list[int]) -> None:
+        """Mark the checkpoints of ``generations`` as having every record in MLflow."""
+        for g in generations:
+            folder = self.run_dir / "checkpoints" / f"gen-{g:04d}"
+            if folder.is_dir():
+                (folder / TRACKED).touch()
 
     def _save_run_id(self, tracker: Tracker | NullTracker, wait: bool = False) -> None:
         """Write the MLflow run's id into ``run.json`` once the writer has it (``wait``: now)."""
@@ -241,9 +254,12 @@ class PopulationRun:
         totals: dict[str, float] = {}
         report = partial(_report, observers, history, totals, world.poisoned())
 
+        tracking = next(o for o in observers if isinstance(o, Tracking))
+
         def report_and_save_id(*args: Any) -> None:
             report(*args)
             self._save_run_id(tracker)
+            self._mark_tracked(tracking.confirmed())
 
         state = core.evolve(
             state,
@@ -269,6 +285,7 @@ class PopulationRun:
         self._save_run_id(tracker, wait=True)
         run_id = tracker.wait_started()
         totals["tracking_writer"] = tracker.flush()
+        self._mark_tracked(tracking.confirmed(everything=True))
         totals["tracking_writer_cpu"] = tracker.cpu_seconds
         totals["tracking_flush"] = time.perf_counter() - t0
         totals["startup"] = self.startup_seconds
@@ -331,6 +348,11 @@ class PopulationRun:
         """The last checkpoint that loads and verifies (a corrupt one falls back to the one
         before, saying so) as the run's state, with every earlier generation's record."""
         folders = sorted((self.run_dir / "checkpoints").glob("gen-[0-9]*"), reverse=True)
+        if self.tracking and self.resume is not None and self.resume.get("tracked_marks"):
+            # A checkpoint whose generation's records the writer had not yet vouched for is
+            # made again (its records in MLflow, if any, are deleted on attach and rewritten).
+            while folders and not (folders[0] / TRACKED).is_file():
+                shutil.rmtree(folders.pop(0))
         for folder in folders:
             try:
                 tensors, state = read_checkpoint(folder)
@@ -349,6 +371,9 @@ class PopulationRun:
         # Killed before its first checkpoint: it starts again, in the same MLflow run.
         self._restored = {"generation": -1, "state": None, "records": []}
         return self._restored
+
+
+TRACKED = "tracked"  # in a checkpoint folder: MLflow holds that generation's records
 
 
 def resolve_backend(backend: str, address: str | None, reachable_ray: bool = False) -> str:

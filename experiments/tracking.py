@@ -142,6 +142,7 @@ class Tracker:
         self._error: str | None = None
         self._unreachable = False
         self._token = 0
+        self._flushed = 0  # the last mark (flush token) the writer has reached without a failure
         ctx = mp.get_context("spawn")
         self._jobs = ctx.Queue()
         self._acks = ctx.Queue()
@@ -230,11 +231,20 @@ class Tracker:
 
     def flush(self, timeout: float | None = None) -> float:
         """Wait until everything queued is written; returns the writer's busy seconds so far."""
+        self.wait_flushed(self.flush_async(), timeout)
+        return self._busy_seconds
+
+    def flush_async(self) -> int:
+        """Mark what is queued so far; returns the mark's token (:meth:`wait_flushed`), at once."""
         self._token += 1
         self._jobs.put(("flush", self._token))
-        self._wait_for("flushed", self.timeout_s if timeout is None else timeout, self._token)
+        return self._token
+
+    def wait_flushed(self, token: int, timeout: float | None = None) -> None:
+        """Wait until everything queued before mark ``token`` is written (raises what failed)."""
+        if self._flushed < token:
+            self._wait_for("flushed", self.timeout_s if timeout is None else timeout, token)
         self._raise_if_failed()
-        return self._busy_seconds
 
     def finish(self, status: str = "FINISHED", timeout: float | None = None) -> None:
         """Close the parent run with ``status``, write what is queued and stop the writer."""
@@ -266,6 +276,8 @@ class Tracker:
             if self._error is None:
                 self._error, self._unreachable = msg[1], msg[2:] == ("unreachable",)
         else:
+            if what == "flushed" and self._error is None:  # a mark after a failure vouches for nothing
+                self._flushed = max(self._flushed, msg[1])
             self._busy_seconds, self.cpu_seconds = msg[-2], msg[-1]
 
     def _wait_for(self, kind: str, timeout: float, token: int | None = None) -> None:
@@ -286,7 +298,7 @@ class Tracker:
             what = msg[0]
             if what == "error" and kind == "started":
                 self._raise_if_failed()
-            if what == kind and (token is None or msg[1] == token):
+            if what == kind and (token is None or msg[1] >= token):
                 return
 
     def _raise_if_failed(self) -> None:
@@ -313,6 +325,12 @@ class NullTracker:
 
     def poll(self) -> str:
         return ""
+
+    def flush_async(self) -> int:
+        return 0
+
+    def wait_flushed(self, token: int, timeout: float | None = None) -> None:
+        pass
 
     def wait_started(self, timeout: float | None = None) -> str:
         return ""
