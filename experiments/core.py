@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,6 +53,27 @@ class GenerationResult:
         return list(self.groups[0].teachers) if self.groups else []
 
 
+# Who watches the phases of the generations (``watcher(name, entering)``; e.g. the benchmark's
+# peak memory per phase, benchmarks/generation.py). Empty: :func:`phase` costs nothing.
+PHASE_WATCHERS: list[Callable[[str, bool], None]] = []
+
+
+@contextlib.contextmanager
+def phase(name: str) -> Iterator[None]:
+    """Tell :data:`PHASE_WATCHERS` that ``name`` (``plan``, ``learn``, ``select``,
+    ``distill``; the observers' names, where a watcher wraps them) starts and ends here."""
+    if not PHASE_WATCHERS:
+        yield
+        return
+    for w in PHASE_WATCHERS:
+        w(name, True)
+    try:
+        yield
+    finally:
+        for w in PHASE_WATCHERS:
+            w(name, False)
+
+
 def start(world: World, run_seed: int, genome: Any, n_species: int = 1) -> RunState:
     """The root seed of a run (weights from ``default_rng([run_seed, 2**31])``), one copy per
     species slot: all slots start from it and part ways at the first distillation."""
@@ -96,19 +118,25 @@ def evolve(
     try:
         for g in range(state.generation, generations):
             clock, rng = _Clock(), state.rng()
-            plan = strategy.ask(state, rng)
+            with phase("plan"):
+                plan = strategy.ask(state, rng)
             clock.lap("plan")
-            handle = submit(pool, world, state, plan)
+            with phase("learn"):
+                handle = submit(pool, world, state, plan)
             if pending is not None:
                 done, pending = pending, None
                 report(done, clock.started)
-            evals = collect(pool, handle, plan, world, model, clock)
-            screened = {name: screen(evals) for name, screen in screens.items()}
-            groups = strategy.tell(state, evals, set().union(*screened.values()), rng)
+                del done  # its evaluations (weights, cached predictions) need not outlive the report
+            with phase("learn"):
+                evals = collect(pool, handle, plan, world, model, clock)
+            with phase("select"):
+                screened = {name: screen(evals) for name, screen in screens.items()}
+                groups = strategy.tell(state, evals, set().union(*screened.values()), rng)
             clock.lap("select")
-            students = [distiller(world, model, state, grp, evals, rng) for grp in groups]
-            judge.log = []
-            after, accepted = accept(state, evals, groups, students, elitism, judge)
+            with phase("distill"):
+                students = [distiller(world, model, state, grp, evals, rng) for grp in groups]
+                judge.log = []
+                after, accepted = accept(state, evals, groups, students, elitism, judge)
             clock.lap("distill")
             pending = GenerationResult(
                 g, state, after, plan, evals, screened, groups, students, accepted, clock.secs,
@@ -153,9 +181,35 @@ def collect(
     splits: dict[str, bool] = {"probe": True}  # with hidden representations (diversity)
 
     def predict(w: torch.Tensor, split: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        return world.predict(model, w, world.inputs(split), with_hidden=splits.get(split, False))
+        return predict_in_chunks(world, model, w, split, with_hidden=splits.get(split, False))
 
     return Evaluations(plan, weights, results, fitness, handle[1], predict)
+
+
+PREDICT_CHUNK = 64  # variants per call of World.predict when a generation's predictions are made
+
+
+def predict_in_chunks(
+    world: World, model: torch.nn.Module, weights: torch.Tensor, split: str, *, with_hidden: bool = False
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """:meth:`World.predict` of ``weights`` ``(n, n_params)`` on ``split``, ``PREDICT_CHUNK``
+    variants at a time into one preallocated ``(n, m, C)`` tensor: the same predictions, but
+    the memory a call needs beside its result is one chunk's, not the whole population's (at
+    4,096 variants one call for the transfer split alone grew the driver by 2 GB)."""
+    x = world.inputs(split)
+    n = len(weights)
+    if n <= PREDICT_CHUNK:
+        return world.predict(model, weights, x, with_hidden=with_hidden)
+    probs: torch.Tensor | None = None
+    hidden: list[torch.Tensor] = []
+    for a in range(0, n, PREDICT_CHUNK):
+        p, h = world.predict(model, weights[a : a + PREDICT_CHUNK], x, with_hidden=with_hidden)
+        if probs is None:
+            probs = p.new_empty((n, *p.shape[1:]))
+        probs[a : a + len(p)] = p
+        hidden.extend(h)
+    assert probs is not None
+    return probs, hidden
 
 
 class PairedElitism:
@@ -208,7 +262,7 @@ def accept(
     replaces its slot's seed only when ``judge(student, seed)`` says it is better (None:
     probe fitness at least the seed's); a merged student competes with the best seed and
     takes every slot."""
-    lineage = Lineage.from_dict(state.lineage.to_dict())
+    lineage = state.lineage.copy()
     for v in evals.variants:
         lineage.add(v)
     seeds, generated, accepted = list(state.seeds), dict(state.generated), []

@@ -20,11 +20,15 @@ import numpy as np
 import torch
 from forkpop.experiments.checkpoint import state_to_checkpoint, write_checkpoint, write_seconds
 from forkpop.experiments.core import GenerationResult
+from forkpop.experiments.tracking import variant_runs_for, variants_table
 from forkpop.population.diversity import (
+    PAIRWISE_CAP,
     disagreement_matrix,
+    distance_to_seeds,
     functional_diversity,
     genotype_spread,
     lineage_stats,
+    pairwise_sample,
     representation_similarity,
     weight_distances,
 )
@@ -175,28 +179,39 @@ class HeldOutReport(Observer):
 
 class DiversityProbe(Observer):
     """The population's diversity on the probe split (see :mod:`forkpop.population.diversity`)
-    and the pairwise disagreement matrix of its learned variants (artifact ``diversity/``)."""
+    and the pairwise disagreement matrix of its learned variants (artifact ``diversity/``).
+
+    Above ``pairwise_cap`` learned variants the pairwise measures (``genome_distance``,
+    ``weight_l2``, ``weight_cosine``, ``disagreement``, ``kl``, ``js``, ``cka``) and the
+    matrix are over ``pairwise_cap`` of them, drawn by :func:`pairwise_sample` from
+    ``default_rng([run seed, generation, 0xD17])`` (the same on a resume); ``pairwise_variants``
+    says how many. The per-variant measures (``gene_std.*``, ``weight_to_seed``, ambiguity)
+    are over all of them."""
 
     name = "diversity"
 
-    def __init__(self, world: World, spec: GenomeSpec):
-        self.world, self.spec = world, spec
+    def __init__(self, world: World, spec: GenomeSpec, pairwise_cap: int = PAIRWISE_CAP):
+        self.world, self.spec, self.pairwise_cap = world, spec, pairwise_cap
 
     def measure(self, r: GenerationResult) -> dict[str, Any]:
         ev = r.evals
         alive = [i for i, x in enumerate(ev.results) if x.status == "ok"]
-        out = genotype_spread([ev.variants[i].genome.as_dict() for i in alive], self.spec)
-        matrix: dict = {"ids": [ev.variants[i].id for i in alive], "disagreement": []}
+        rows = pairwise_sample(len(alive), self.pairwise_cap, [r.state.run_seed, r.generation, 0xD17])
+        pairs = None if len(rows) == len(alive) else rows
+        out = genotype_spread([ev.variants[i].genome.as_dict() for i in alive], self.spec, pairs)
+        sub = [alive[k] for k in rows]
+        matrix: dict = {"ids": [ev.variants[i].id for i in sub], "disagreement": []}
         if alive:
-            w = ev.weights[alive]
-            out.update(weight_distances(w))
-            own = ev.fork_seeds[[ev.plan.slots[i] for i in alive]]  # each variant's own seed
-            out["weight_to_seed"] = float((w.double() - own.double()).norm(dim=1).mean())
+            w = ev.weights if len(alive) == len(ev) else ev.weights[alive]
+            out.update(weight_distances(w, None, pairs))
+            # each variant's distance to its own seed (the one it forked)
+            out["weight_to_seed"] = distance_to_seeds(w, ev.fork_seeds, [ev.plan.slots[i] for i in alive])
             p = ev.probs("probe", alive).double().numpy()
             labels = self.world.labels("probe")
-            out.update(functional_diversity(p, None if labels is None else labels.numpy()))
-            out.update(representation_similarity([h.double().numpy() for h in ev.hidden("probe", alive)]))
-            matrix["disagreement"] = disagreement_matrix(p).round(4).tolist()
+            out.update(functional_diversity(p, None if labels is None else labels.numpy(), pairs))
+            out.update(representation_similarity([h.double().numpy() for h in ev.hidden("probe", sub)]))
+            matrix["disagreement"] = disagreement_matrix(p[rows]).round(4).tolist()
+        out["pairwise_variants"] = float(len(rows))
         out.update(lineage_stats(r.state.lineage, r.generation))
         out["alive"] = float(len(alive))
         out["species"] = float(len({s.variant.id for s in r.state.seeds}))
@@ -308,8 +323,13 @@ class Tracking(Observer):
 
     name = "tracking"
 
-    def __init__(self, tracker: Any, step_metrics: str, poisoned: tuple[int, ...]):
+    def __init__(
+        self, tracker: Any, step_metrics: str, poisoned: tuple[int, ...], variant_runs: str = "all", uri: str = ""
+    ):
         self.tracker, self.step_metrics, self.poisoned = tracker, step_metrics, poisoned
+        self.variant_runs, self.uri = variant_runs, uri
+        self.marks: list[tuple[int, int]] = []  # (generation, flush token) not yet confirmed
+        self.done: list[int] = []
 
     def on_generation(self, r: GenerationResult, record: GenerationRecord) -> None:
         t, ev = self.tracker, r.evals
@@ -327,6 +347,15 @@ class Tracking(Observer):
         t.log_text(json.dumps(curves), f"steps/gen-{r.generation:04d}.json")
         teacher_ids = {ev.variants[i].id for i in r.teacher_ids}
         label_screened = r.screened.get("peer_labels", set())
+        nested = variant_runs_for(self.variant_runs, len(ev.variants), self.uri)
+        rows = [
+            _table_row(
+                st.variant,
+                {"val_accuracy": st.val, **({"test_accuracy": tests[j]} if j < len(tests) else {})},
+                {"accepted": ok, "species": st.slot},
+            )
+            for j, (st, ok) in enumerate(zip(r.students, r.accepted, strict=True))
+        ]
         for i, (v, x) in enumerate(zip(ev.variants, ev.results, strict=True)):
             tags = {"forkpop.status": x.status, "forkpop.teacher": str(v.id in teacher_ids).lower()}
             if r.state.n_species > 1:
@@ -346,15 +375,48 @@ class Tracking(Observer):
                 final["preq_accuracy_final"] = x.preq_accuracy[-1]
             if getattr(x, "train_accuracy", None):
                 final["train_accuracy_final"] = x.train_accuracy[-1]
-            t.log_variant(v, final, step_metrics(x, self.step_metrics), tags)
+            rows.append(_table_row(v, final, {k.removeprefix("forkpop."): val for k, val in tags.items()}))
+            if nested:
+                t.log_variant(v, final, step_metrics(x, self.step_metrics), tags)
+        t.log_text(variants_table(rows), f"variants/gen-{r.generation:04d}.json")
         for name, text in r.figures.get("artifacts", {}).items():
             t.log_text(text, name)
-        # The checkpoint marks the generation done, so it is written once its records are in
-        # MLflow: a resume after a kill never lacks a record (later ones it deletes and redoes).
-        t.flush()
+        # The writer may lag the learners by one generation, no more: it writes this one's
+        # records while the next one learns. A generation is vouched for (``confirmed``; the
+        # runner marks its checkpoint ``tracked``) once the writer has passed the mark after
+        # its records: a resume starts from the last such checkpoint, so it never lacks a
+        # record (those of later generations it deletes and makes again).
+        self.marks.append((r.generation, t.flush_async()))
+        while len(self.marks) > 1:
+            g, token = self.marks.pop(0)
+            t.wait_flushed(token)
+            self.done.append(g)
+
+    def confirmed(self, everything: bool = False) -> list[int]:
+        """Generations whose records are all in MLflow since the last call (``everything``:
+        after the run's final flush, every generation recorded)."""
+        if everything:
+            self.done += [g for g, _ in self.marks]
+            self.marks = []
+        out, self.done = self.done, []
+        return out
 
     def on_record(self, r: GenerationResult, record: GenerationRecord) -> None:
         self.tracker.log_generation(r.generation, record.metrics())
+
+
+def _table_row(v: Any, metrics: dict[str, float], tags: dict[str, Any]) -> dict[str, Any]:
+    """One birth as a row of the generation's ``variants/`` table: lineage, genes, figures."""
+    return {
+        "id": v.id,
+        "generation": v.generation,
+        "origin": v.origin.value,
+        "parents": ",".join(v.parents),
+        "niche": v.niche,
+        **{f"gene.{k}": float(g) for k, g in v.genome.as_dict().items()},
+        **tags,
+        **{k: float(m) for k, m in metrics.items()},
+    }
 
 
 class Checkpoints(Observer):
@@ -368,7 +430,13 @@ class Checkpoints(Observer):
 
     def on_generation(self, r: GenerationResult, record: GenerationRecord) -> None:
         teachers = r.evals.weights[r.teacher_ids] if r.teacher_ids else None
-        tensors, body = state_to_checkpoint(r.state, teachers)
+        # The lineage goes in as this generation's births, on top of the previous generation's
+        # checkpoint (which holds r.before's lineage): checkpoints grow linearly, not
+        # quadratically, with the generations. The first one (or one whose predecessor is
+        # gone) holds the whole lineage.
+        prev = r.generation - 1
+        linked = prev >= 0 and (self.run_dir / "checkpoints" / f"gen-{prev:04d}" / "state.json").is_file()
+        tensors, body = state_to_checkpoint(r.state, teachers, base=(prev, r.before.lineage) if linked else None)
         body.update(
             record=asdict(record),
             genomes={v.id: v.genome.as_dict() for v in r.evals.variants},
@@ -417,10 +485,11 @@ def step_metrics(x: Any, mode: str) -> dict[str, Any] | None:
         spans = [(a, b) for a, b in zip(bounds, bounds[1:], strict=False) if b > a]
         first = len(x.preq_accuracy)  # steps of the first pass
         later = [train[b - 1 - first] for a, b in spans if a >= first and b - first <= len(train)]
+        loss = np.asarray(x.loss)  # once, not once per pass (the same means as np.mean of each slice)
         return {  # step e is pass e over the niche
             "preq_accuracy_epoch": [x.preq_accuracy[-1]] if first else [],  # the first pass only: unseen data
             "train_accuracy_epoch": (1, later),
-            "loss_epoch": [float(np.mean(x.loss[a:b])) for a, b in spans],
+            "loss_epoch": [float(loss[a:b].mean()) for a, b in spans],
         }
     return None
 

@@ -17,6 +17,23 @@ from forkpop.population.variant import Origin, Variant
 
 EPS = 1e-12
 
+# Above this many variants the pairwise measures (genome distance, weight distances,
+# disagreement, KL, JS, CKA; the disagreement artifact) are taken over a subsample of this many
+# variants, drawn without replacement by :func:`pairwise_sample`: their mean over all pairs of a
+# random subset is an unbiased estimate of the mean over all pairs, at O(cap^2) cost instead of
+# O(n^2) (4,096 variants: 8.4 million pairs; the (n, n, m) disagreement array alone 2.4 GB).
+PAIRWISE_CAP = 256
+
+
+def pairwise_sample(n: int, cap: int = PAIRWISE_CAP, seed: Sequence[int] | int = 0) -> np.ndarray:
+    """The rows the pairwise measures use among ``n`` variants: all of them (``arange(n)``)
+    when ``n <= cap``, else ``cap`` rows drawn without replacement by
+    ``numpy.random.default_rng(seed)`` (sorted): deterministic for a given seed, so a run and
+    its resume measure the same pairs. It draws from its own generator, never the run's."""
+    if cap <= 0 or n <= cap:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, cap, replace=False))
+
 
 def _pairs_mean(mat: np.ndarray) -> float:
     """Mean of the off-diagonal entries of a square ``(n, n)`` matrix (0 for n < 2)."""
@@ -33,26 +50,27 @@ def genome_matrix(genomes: Sequence[dict[str, float]], spec: GenomeSpec) -> np.n
     """Genomes as ``(n, n_genes)`` in [0, 1]: each gene scaled to its bounds (log genes in log space)."""
     out = np.zeros((len(genomes), len(spec.genes)))
     for j, gene in enumerate(spec.genes):
+        v = np.array([float(g.get(gene.name, gene.init)) for g in genomes], dtype=float)
         lo, hi = gene.low, gene.high
-        for i, g in enumerate(genomes):
-            v = float(g.get(gene.name, gene.init))
-            if gene.kind == "log":
-                v, lo_, hi_ = np.log(v), np.log(lo), np.log(hi)
-            else:
-                lo_, hi_ = lo, hi
-            out[i, j] = 0.0 if hi_ == lo_ else (v - lo_) / (hi_ - lo_)
+        if gene.kind == "log":
+            v, lo, hi = np.log(v), np.log(lo), np.log(hi)
+        out[:, j] = 0.0 if hi == lo else (v - lo) / (hi - lo)
     return out
 
 
-def genotype_spread(genomes: Sequence[dict[str, float]], spec: GenomeSpec) -> dict[str, float]:
+def genotype_spread(
+    genomes: Sequence[dict[str, float]], spec: GenomeSpec, pairs: Sequence[int] | None = None
+) -> dict[str, float]:
     """Per gene: the standard deviation across the population in the gene's [0, 1] scale
     (``gene_std.<name>``); whole genome: the mean pairwise Euclidean distance of the scaled
-    genomes (``genome_distance``). Identical genomes give 0 everywhere; no genomes, no measures."""
+    genomes (``genome_distance``; over the pairs of rows ``pairs`` only, when given, e.g.
+    :func:`pairwise_sample`). Identical genomes give 0 everywhere; no genomes, no measures."""
     if len(genomes) == 0:
         return {}
     x = genome_matrix(genomes, spec)
     out = {f"gene_std.{g.name}": float(x[:, j].std()) for j, g in enumerate(spec.genes)}
-    d = np.sqrt(((x[:, None, :] - x[None, :, :]) ** 2).sum(-1))
+    xs = x if pairs is None else x[np.asarray(pairs)]
+    d = np.sqrt(((xs[:, None, :] - xs[None, :, :]) ** 2).sum(-1))
     out["genome_distance"] = _pairs_mean(d)
     return out
 
@@ -60,20 +78,38 @@ def genotype_spread(genomes: Sequence[dict[str, float]], spec: GenomeSpec) -> di
 # -- parameters ---------------------------------------------------------------------------------
 
 
-def weight_distances(weights: torch.Tensor, seed: torch.Tensor | None = None) -> dict[str, float]:
+def weight_distances(
+    weights: torch.Tensor, seed: torch.Tensor | None = None, pairs: Sequence[int] | None = None
+) -> dict[str, float]:
     """``weights`` ``(n, P)`` flattened variants, ``seed`` ``(P,)``.
 
     ``weight_l2``: mean pairwise L2 distance; ``weight_cosine``: mean pairwise cosine
-    distance (1 - cosine similarity); ``weight_to_seed``: mean L2 distance to the seed.
+    distance (1 - cosine similarity), both over the pairs of rows ``pairs`` when given;
+    ``weight_to_seed``: mean L2 distance to the seed, over every row.
     """
-    w = weights.double()
+    w = weights[torch.as_tensor(np.asarray(pairs), dtype=torch.long)] if pairs is not None else weights
+    w = w.double()
     l2 = torch.cdist(w, w).numpy()
     unit = w / w.norm(dim=1, keepdim=True).clamp_min(EPS)
     cos = (1.0 - unit @ unit.T).numpy()
     out = {"weight_l2": _pairs_mean(l2), "weight_cosine": _pairs_mean(cos)}
     if seed is not None:
-        out["weight_to_seed"] = float((w - seed.double()).norm(dim=1).mean())
+        out["weight_to_seed"] = distance_to_seeds(weights, seed[None], np.zeros(len(weights), dtype=np.int64))
     return out
+
+
+def distance_to_seeds(weights: torch.Tensor, seeds: torch.Tensor, slots: Sequence[int], chunk: int = 256) -> float:
+    """Mean L2 distance of each row of ``weights`` ``(n, P)`` to its own seed, row ``slots[i]``
+    of ``seeds`` ``(S, P)``; in float64, ``chunk`` rows at a time (no ``(n, P)`` copy)."""
+    n = len(weights)
+    if n == 0:
+        return float("nan")
+    idx = torch.as_tensor(np.asarray(slots), dtype=torch.long)
+    total = 0.0
+    for a in range(0, n, chunk):
+        own = seeds[idx[a : a + chunk]].double()
+        total += float((weights[a : a + chunk].double() - own).norm(dim=1).sum())
+    return total / n
 
 
 # -- function -----------------------------------------------------------------------------------
@@ -96,16 +132,21 @@ def kl_matrix(probs: np.ndarray) -> np.ndarray:
 
 
 def js_matrix(probs: np.ndarray) -> np.ndarray:
-    """``(n, n)``: mean over the probe of the Jensen-Shannon divergence (nats, at most ln 2)."""
+    """``(n, n)``: mean over the probe of the Jensen-Shannon divergence (nats, at most ln 2).
+
+    As ``H(mix) - (H(p_i) + H(p_j)) / 2`` (the same as the mean of the two KLs to the mixture),
+    each pair once: one logarithm per pair, input and class.
+    """
     p = np.clip(probs, EPS, 1.0)
     n = p.shape[0]
     out = np.zeros((n, n))
-    for i in range(n):
-        mix = 0.5 * (p[i][None] + p)  # (n, m, C)
-        kl_i = (p[i][None] * (np.log(p[i][None]) - np.log(mix))).sum(-1)
-        kl_j = (p * (np.log(p) - np.log(mix))).sum(-1)
-        out[i] = (0.5 * (kl_i + kl_j)).mean(-1)
-    return out
+    neg_h = (p * np.log(p)).sum(-1)  # (n, m): -H(p_i) per input
+    for i in range(n - 1):
+        mix = 0.5 * (p[i][None] + p[i + 1 :])  # (n - i - 1, m, C)
+        js = 0.5 * (neg_h[i][None] + neg_h[i + 1 :]) - (mix * np.log(mix)).sum(-1)
+        out[i, i + 1 :] = js.mean(-1)
+    out = out + out.T
+    return np.clip(out, 0.0, None)
 
 
 def ensemble_ambiguity(probs: np.ndarray, labels: np.ndarray) -> dict[str, float]:
@@ -124,25 +165,51 @@ def ensemble_ambiguity(probs: np.ndarray, labels: np.ndarray) -> dict[str, float
     return {"ambiguity": float(member_ce - ens_ce), "ambiguity_accuracy": float(ens_acc - member_acc)}
 
 
-def functional_diversity(probs: np.ndarray, labels: np.ndarray | None = None) -> dict[str, float]:
-    """Mean pairwise disagreement, KL and JS of ``probs`` ``(n, m, C)``; ambiguity with labels."""
+def functional_diversity(
+    probs: np.ndarray, labels: np.ndarray | None = None, pairs: Sequence[int] | None = None
+) -> dict[str, float]:
+    """Mean pairwise disagreement, KL and JS of ``probs`` ``(n, m, C)`` (over the pairs of rows
+    ``pairs`` when given); ambiguity, with labels, over every row."""
+    sub = probs if pairs is None else probs[np.asarray(pairs)]
     out = {
-        "disagreement": _pairs_mean(disagreement_matrix(probs)),
-        "kl": _pairs_mean(kl_matrix(probs)),
-        "js": _pairs_mean(js_matrix(probs)),
+        "disagreement": _pairs_mean(disagreement_matrix(sub)),
+        "kl": _pairs_mean(kl_matrix(sub)),
+        "js": _pairs_mean(js_matrix(sub)),
     }
     if labels is not None:
         out.update(ensemble_ambiguity(probs, labels))
     return out
 
 
-def novelty(probs: np.ndarray) -> np.ndarray:
-    """Each variant's mean Jensen-Shannon distance to the others, ``(n,)`` (0 for n < 2)."""
+def novelty(probs: np.ndarray, reference: Sequence[int] | None = None) -> np.ndarray:
+    """Each variant's mean Jensen-Shannon distance to the others, ``(n,)`` (0 for n < 2).
+
+    With ``reference`` (row indices, e.g. :func:`pairwise_sample`), the mean distance to the
+    reference rows other than itself: an unbiased estimate of the same at ``n x len(reference)``
+    pairs instead of ``n^2``.
+    """
     n = probs.shape[0]
     if n < 2:
         return np.zeros(n)
-    js = js_matrix(probs)
-    return (js.sum(1) - np.diag(js)) / (n - 1)
+    if reference is None:
+        js = js_matrix(probs)
+        return (js.sum(1) - np.diag(js)) / (n - 1)
+    ref = np.asarray(reference)
+    d = js_to(probs, ref)  # (n, len(ref))
+    own = ref[None, :] == np.arange(n)[:, None]
+    d[own] = 0.0
+    return d.sum(1) / np.maximum(len(ref) - own.sum(1), 1)
+
+
+def js_to(probs: np.ndarray, rows: Sequence[int]) -> np.ndarray:
+    """``(n, len(rows))``: mean Jensen-Shannon divergence of every variant to each of ``rows``."""
+    p = np.clip(probs, EPS, 1.0)
+    neg_h = (p * np.log(p)).sum(-1)  # (n, m)
+    out = np.zeros((p.shape[0], len(rows)))
+    for k, r in enumerate(rows):
+        mix = 0.5 * (p[r][None] + p)
+        out[:, k] = (0.5 * (neg_h[r][None] + neg_h) - (mix * np.log(mix)).sum(-1)).mean(-1)
+    return np.clip(out, 0.0, None)
 
 
 # -- representations ----------------------------------------------------------------------------
@@ -170,17 +237,24 @@ def cka_matrix(reps: Sequence[np.ndarray]) -> np.ndarray:
     n = len(reps)
     if n == 0:
         return np.zeros((0, 0))
-    grams = []
-    for x in reps:
-        xc = x - x.mean(0, keepdims=True)
-        grams.append((xc @ xc.T).ravel())
-    g = np.stack(grams)
-    hsic = g @ g.T
+    # One batched product in torch (under the run's torch threads), not n small BLAS calls.
+    if len({x.shape for x in reps}) == 1:
+        x = torch.from_numpy(np.stack([np.asarray(r, dtype=np.float64) for r in reps]))
+        xc = x - x.mean(1, keepdim=True)
+        g = torch.bmm(xc, xc.transpose(1, 2)).reshape(n, -1)
+    else:  # widths differ: one Gram matrix at a time
+        g = torch.stack([_gram(torch.from_numpy(np.asarray(r, dtype=np.float64))) for r in reps])
+    hsic = (g @ g.T).numpy()
     norms = np.sqrt(np.clip(np.diag(hsic), 0, None))
     denom = np.outer(norms, norms)
     out = np.where(denom > EPS, hsic / np.where(denom > EPS, denom, 1.0), 0.0)
     np.fill_diagonal(out, 1.0)
     return out
+
+
+def _gram(x: torch.Tensor) -> torch.Tensor:
+    xc = x - x.mean(0, keepdim=True)
+    return (xc @ xc.T).reshape(-1)
 
 
 def representation_similarity(reps: Sequence[np.ndarray]) -> dict[str, float]:
@@ -222,8 +296,14 @@ def lineage_stats(lineage: Lineage, generation: int) -> dict[str, float]:
         return {}
     first = min(v.generation for v in lineage if v.origin is Origin.FORK)
     founders = {v.id for v in _generation(lineage, first)}
-    anc = {v.id: _ancestors(lineage, v.id) for v in forks}
-    alive = {f for f in founders if any(f in a or f == v for v, a in anc.items())}
+    # A fork's ancestors are its parents' and theirs: once per distinct parent tuple (all the
+    # forks of a species slot share one), not once per fork.
+    by_parents: dict[tuple[str, ...], set[str]] = {}
+    for v in forks:
+        if v.parents not in by_parents:
+            by_parents[v.parents] = _ancestors(lineage, v.id)
+    anc = list(by_parents.values())
+    alive = founders & set().union(*anc, (v.id for v in forks))
 
     # Each fork's unit of ancestry is spread over its parents; a distilled parent passes
     # its share on to its teachers (one level, the previous generation's forks).
@@ -248,7 +328,7 @@ def lineage_stats(lineage: Lineage, generation: int) -> dict[str, float]:
             depth_memo[vid] = 0 if not ps else 1 + max(depth(p) for p in ps)
         return depth_memo[vid]
 
-    common = set.intersection(*[a for a in anc.values()]) if anc else set()
+    common = set.intersection(*anc) if anc else set()
     tmrca = generation - max((lineage[c].generation for c in common), default=0) if common else float("nan")
     return {
         "founders_alive": float(len(alive)),

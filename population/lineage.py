@@ -68,27 +68,44 @@ class Lineage:
                 stack.extend(self._variants[p].parents)
         return seen
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"variants": [v.to_dict() for v in self._variants.values()]}
+    def copy(self) -> Lineage:
+        """A new lineage with the same births in the same order (variants are immutable, so
+        they are shared): O(n) dictionary work, no records rebuilt."""
+        out = Lineage()
+        out._variants = dict(self._variants)
+        return out
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Lineage:
-        lineage = cls()
-        pending = [Variant.from_dict(x) for x in d["variants"]]
+    def since(self, earlier: Lineage) -> list[Variant]:
+        """The births of this lineage that ``earlier`` lacks, in birth order: what a
+        generation added (a checkpoint stores only these; see :meth:`extend`)."""
+        return [v for vid, v in self._variants.items() if vid not in earlier._variants]
+
+    def extend(self, records: list[dict[str, Any]]) -> None:
+        """Add births given as :meth:`Variant.to_dict` records, parents before children
+        whatever order they come in (as :meth:`from_dict` does)."""
+        pending = [Variant.from_dict(x) for x in records]
         # Insert parents before children whatever order the records came in.
         pending.sort(key=lambda v: (v.generation, v.origin != "seed", v.id))
         while pending:
             progressed = False
             rest = []
             for v in pending:
-                if all(p in lineage for p in v.parents):
-                    lineage.add(v)
+                if all(p in self for p in v.parents):
+                    self.add(v)
                     progressed = True
                 else:
                     rest.append(v)
             if not progressed:
                 raise ValueError(f"lineage records name parents that never appear: {rest[0].id}")
             pending = rest
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"variants": [v.to_dict() for v in self._variants.values()]}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Lineage:
+        lineage = cls()
+        lineage.extend(d["variants"])
         return lineage
 
     def to_json(self) -> str:

@@ -13,7 +13,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import numpy as np
-from forkpop.population.diversity import js_matrix
+from forkpop.population.diversity import PAIRWISE_CAP, js_matrix, novelty, pairwise_sample
 from forkpop.population.genome import GenomeSpec
 from forkpop.population.state import Evaluations, ForkPlan, RunState, seed_of
 from forkpop.population.variant import Origin, Variant
@@ -133,7 +133,7 @@ class NSGA2(Strategy):
             self.k = max(1, self.size // 2)
 
     def choose(self, eligible: list[float], evals: Evaluations, rng: np.random.Generator) -> list[int]:
-        return select(eligible, self.k, "nsga2", seed_of(rng), self.tournament_size, novelty=distances(evals)[1])
+        return select(eligible, self.k, "nsga2", seed_of(rng), self.tournament_size, novelty=novelty_of(evals))
 
 
 class PerNiche(Strategy):
@@ -202,8 +202,8 @@ class Species(Strategy):
         if not groups or self.merged(g) or self.n_species == 1:
             return groups
         chosen = list(groups[0].members)
-        js, _ = distances(evals)
-        clusters = [[chosen[j] for j in c] for c in cluster_by_function(js[np.ix_(chosen, chosen)], self.n_species)]
+        js = teacher_distances(evals, chosen)
+        clusters = [[chosen[j] for j in c] for c in cluster_by_function(js, self.n_species)]
         slots = assign_slots(clusters, list(evals.plan.slots), self.n_species)
         return [
             TeacherGroup(tuple(c), s, f"g{g + 1:02d}-seed{s}", teachers=tuple(chosen))
@@ -216,6 +216,35 @@ def distances(evals: Evaluations) -> tuple[np.ndarray, list[float]]:
     novelty (mean distance to the other live ones); NaN for dead variants. Computed once per
     generation from the shared predictions."""
     return evals.memo("distances", lambda: _distances(evals))
+
+
+def novelty_of(evals: Evaluations) -> list[float]:
+    """Each variant's novelty: its mean Jensen-Shannon distance to the other live variants on
+    the probe split (NaN for dead ones). Up to ``PAIRWISE_CAP`` live variants against all of
+    them (:func:`distances`); above, against ``PAIRWISE_CAP`` reference variants drawn by
+    :func:`pairwise_sample` (seeded by the generation and the count, so a resume draws the
+    same), ``n x cap`` pairs instead of ``n^2``."""
+    live = evals.live
+    if len(live) <= PAIRWISE_CAP:
+        return distances(evals)[1]
+
+    def compute() -> list[float]:
+        gen = evals.variants[live[0]].generation
+        ref = pairwise_sample(len(live), PAIRWISE_CAP, [gen, len(live), 0x70E])
+        nov = novelty(evals.probs("probe").double().numpy(), ref)
+        out = [float("nan")] * len(evals)
+        for k, i in enumerate(live):
+            out[i] = float(nov[k])
+        return out
+
+    return evals.memo("novelty", compute)
+
+
+def teacher_distances(evals: Evaluations, chosen: list[int]) -> np.ndarray:
+    """Pairwise Jensen-Shannon distances ``(k, k)`` of the live variants ``chosen`` on the
+    probe split (the same figures as ``distances(evals)[0][np.ix_(chosen, chosen)]``, at
+    ``k^2`` pairs)."""
+    return evals.memo(f"js:{chosen}", lambda: js_matrix(evals.probs("probe", chosen).double().numpy()))
 
 
 def _distances(evals: Evaluations) -> tuple[np.ndarray, list[float]]:
