@@ -1044,6 +1044,19 @@ def _table_variants(client: Any, run_id: str) -> list[dict]:
     return out
 
 
+def _all_child_runs(client: Any, experiment_id: str, run_id: str) -> list:
+    """Every nested run of ``run_id``, page by page (a run may have more than a page holds)."""
+    out, token = [], None
+    while True:
+        page = client.search_runs(
+            [experiment_id], f"tags.mlflow.parentRunId = '{run_id}'", max_results=10000, page_token=token
+        )
+        out += list(page)
+        token = page.token
+        if not token:
+            return out
+
+
 def lineage_from_mlflow(run_id: str, tracking_uri: str | None = None) -> Lineage:
     """Rebuild a population run's :class:`Lineage` from MLflow alone: its nested runs, and the
     ``variants/`` tables for births without one (``tracking.variant_runs``)."""
@@ -1051,11 +1064,8 @@ def lineage_from_mlflow(run_id: str, tracking_uri: str | None = None) -> Lineage
 
     client = MlflowClient(tracking_uri)
     parent = client.get_run(run_id)
-    runs = client.search_runs(
-        [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{run_id}'", max_results=50000
-    )
     records = []
-    for r in runs:
+    for r in _all_child_runs(client, parent.info.experiment_id, run_id):
         t = r.data.tags
         if "forkpop.variant_id" not in t:
             continue
