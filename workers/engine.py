@@ -21,8 +21,9 @@ learning at any step are a prefix of the stack: finished ones simply drop off th
 copies. A variant whose loss becomes non-finite or explodes is stopped at that step (its
 weights are kept from before the step), exactly as the per-variant loop does.
 
-On a CPU with several torch threads, a large enough ``stacked`` group is dealt into one part
-per thread, each learning on its own thread with one torch thread (see :func:`_in_threads`).
+On a CPU a large ``stacked`` group is dealt into parts, at least one per torch thread and
+small enough to stay in cache; each part learns on its own (Python) thread with one torch
+thread (see :func:`_in_threads`).
 For the ``stacked`` models without gradient clipping the SGD step is fused into the backward
 pass: the momentum buffers are decayed first and the gradient products accumulate straight
 into them, then one update per parameter (see :meth:`BatchedEngine._learn_part`).
@@ -48,9 +49,12 @@ EXPLODED = 100.0
 ENGINES = ("batched", "loop")
 DEVICES = ("auto", "cpu", "cuda")
 
-# Fewer variants than this per thread and a CPU group learns in one part: with fewer, each
-# step's Python and dispatch overhead (~100 small ops) outweighs the halved matrix products.
+# A CPU group learns in parts of MIN_PART to MAX_PART variants, at least one per torch thread.
+# Fewer than MIN_PART and a step's Python and dispatch overhead (some 40 small ops) outweighs
+# its matrix products; more than MAX_PART and a part's weights and momentum buffers (75 kB a
+# variant for the digits MLP) no longer stay in cache through a step's passes over them.
 MIN_PART = 8
+MAX_PART = 32
 
 T = TypeVar("T")
 
@@ -420,8 +424,9 @@ class _Part:
     val_hits: np.ndarray  # (m,) correct predictions on the validation split
 
 
-def _in_threads(jobs: list[Callable[[], T]]) -> list[T]:
-    """Run ``jobs`` at once, one thread each with one torch thread; their results, in order.
+def _in_threads(jobs: list[Callable[[], T]], threads: int) -> list[T]:
+    """Run ``jobs`` on up to ``threads`` threads, each with one torch thread; their results,
+    in order.
 
     A group's matrix products are small (a few hundred kFLOP per variant and step): torch's
     intra-op threads, which meet after every op, share them badly, and stall on every op
@@ -429,22 +434,20 @@ def _in_threads(jobs: list[Callable[[], T]]) -> list[T]:
     meets once per call instead; torch lets go of the GIL inside its ops. The process's
     torch thread count is 1 meanwhile and restored after.
     """
-    if len(jobs) == 1:
-        return [jobs[0]()]
+    if threads <= 1 or len(jobs) == 1:
+        return [job() for job in jobs]
 
     def one(job: Callable[[], T]) -> T:
         torch.set_num_threads(1)  # this thread's own OpenMP and MKL settings
         return job()
 
-    threads = torch.get_num_threads()
+    saved = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        with ThreadPoolExecutor(len(jobs) - 1, thread_name_prefix="forkpop-engine") as pool:
-            futures = [pool.submit(one, job) for job in jobs[1:]]
-            first = jobs[0]()
-            return [first, *(f.result() for f in futures)]
+        with ThreadPoolExecutor(min(threads, len(jobs)), thread_name_prefix="forkpop-engine") as pool:
+            return list(pool.map(one, jobs))
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(saved)
 
 
 class BatchedEngine:
@@ -530,7 +533,7 @@ class BatchedEngine:
         death = np.full(n, -1, dtype=np.int64)
         dead_reason: dict[int, str] = {}
         val_hits = np.zeros(n, dtype=np.int64)
-        for m, part in zip(parts, _in_threads(jobs), strict=True):
+        for m, part in zip(parts, _in_threads(jobs, torch.get_num_threads()), strict=True):
             loss_np[: len(part.loss), m] = part.loss
             hit_np[: len(part.hits), m] = part.hits
             final[torch.from_numpy(m)] = part.final
@@ -562,13 +565,15 @@ class BatchedEngine:
         return out, records
 
     def _n_parts(self, n: int) -> int:
-        """How many parts a group of ``n`` learns in: for a ``stacked`` model on a CPU one per
-        torch thread, at least :data:`MIN_PART` variants each; else one (on a GPU one stream
-        does it all, and torch.func's ``functional_call`` swaps the parameters of the one
-        shared module while it runs, so it runs on one thread)."""
+        """How many parts a group of ``n`` learns in: for a ``stacked`` model on a CPU at
+        least one per torch thread and at most :data:`MAX_PART` variants each, but never
+        fewer than :data:`MIN_PART`; else one (on a GPU one stream does it all, and
+        torch.func's ``functional_call`` swaps the parameters of the one shared module while
+        it runs, so it runs on one thread)."""
         if self.device.type != "cpu" or self.plan.kind != "stacked":
             return 1
-        return max(1, min(torch.get_num_threads(), n // MIN_PART))
+        wanted = max(torch.get_num_threads(), -(-n // MAX_PART))
+        return max(1, min(wanted, n // MIN_PART))
 
     def _learn_part(
         self,
