@@ -45,10 +45,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _launch(args: argparse.Namespace, cfg, resume_dir: Path | None = None) -> int:  # noqa: ANN001 - a config
     """Run (or, with ``resume_dir``, continue) a population run; print and write its summary."""
-    from forkpop.experiments.checkpoint import CheckpointError
     from forkpop.experiments.config import ConfigError
-    from forkpop.experiments.runner import PopulationRun
     from forkpop.experiments.tracking import TrackingError, TrackingUnreachable, redact
+
+    # MLflow's process starts first: its import (seconds) runs beside torch's, below.
+    early = _early_tracker(args, cfg, resume_dir)
+    from forkpop.experiments.checkpoint import CheckpointError
+    from forkpop.experiments.runner import PopulationRun
     from forkpop.workers.data import DataError
     from forkpop.workers.pool import ClusterError
 
@@ -66,11 +69,18 @@ def _launch(args: argparse.Namespace, cfg, resume_dir: Path | None = None) -> in
             progress=not args.quiet,
             resume_dir=resume_dir,
             allow_unauthenticated_ray=args.allow_unauthenticated_ray,
+            tracker=early,
         )
     except (ConfigError, PluginError) as e:
+        if early is not None:
+            early.discard()
         return _fail(str(e))
     try:
-        run.load_data()  # data errors surface before anything starts or is recorded
+        try:
+            run.load_data()  # data errors surface before anything starts or is recorded
+        except BaseException:
+            run.discard_early_tracker()
+            raise
         if resume_dir is None:
             print(f"forkpop: run directory {run.run_dir}", file=sys.stderr)
             print(f"forkpop: MLflow store {redact('uri', run.tracking_uri)}", file=sys.stderr)
@@ -94,6 +104,26 @@ def _launch(args: argparse.Namespace, cfg, resume_dir: Path | None = None) -> in
     if resume_dir is None and summary.tracking_uri.startswith("sqlite:"):
         print(f"see it: mlflow ui --backend-store-uri {summary.tracking_uri}")
     return 0
+
+
+def _early_tracker(args: argparse.Namespace, cfg, resume_dir: Path | None):  # noqa: ANN001, ANN202
+    """The run's MLflow writer process, started before the driver imports torch (None: the run
+    keeps no records, or its store is not known yet). The runner uses it if it names the same
+    store, else starts its own."""
+    from forkpop.experiments.tracking import PATIENCE_ENV, Tracker, resolve_tracking_uri
+
+    uri = args.tracking_uri
+    if resume_dir is not None:
+        try:
+            uri = uri or json.loads((resume_dir / "run.json").read_text())["tracking_uri"]
+        except (OSError, ValueError, KeyError):
+            return None
+        if not uri:
+            return None
+    root = Path(cfg.run.run_dir)
+    uri = resolve_tracking_uri(uri, cfg.tracking.uri, root)
+    patience = None if os.environ.get(PATIENCE_ENV) else cfg.tracking.outage_s
+    return Tracker(uri, cfg.tracking.experiment, root, patience_s=patience)
 
 
 def cmd_resume(args: argparse.Namespace) -> int:

@@ -87,8 +87,10 @@ class PopulationRun:
         resume_dir: Path | None = None,
         allow_unauthenticated_ray: bool = False,
         tracking: bool = True,
+        tracker: Tracker | None = None,
     ):
         self.cfg = cfg
+        self._early_tracker = tracker  # started before this module's imports (see the CLI)
         self.tracking = tracking
         self.allow_unauthenticated_ray = allow_unauthenticated_ray
         self.progress = progress
@@ -128,9 +130,12 @@ class PopulationRun:
 
     def _start_tracker(self) -> Tracker | NullTracker:
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        early, self._early_tracker = self._early_tracker, None
+        if early is not None and not (self.tracking and (early.uri, early.experiment) == self._tracker_key()):
+            early.discard()
+            early = None
         if self.tracking:
-            patience = None if os.environ.get(PATIENCE_ENV) else self.cfg.tracking.outage_s
-            tracker = Tracker(self.tracking_uri, self.cfg.tracking.experiment, self.run_root, patience_s=patience)
+            tracker = early or Tracker(*self._tracker_key(), self.run_root, patience_s=self._patience())
         else:
             tracker = NullTracker()
         if self.resume is not None:
@@ -155,6 +160,18 @@ class PopulationRun:
         (self.run_dir / "run.json").write_text(json.dumps(self._run_json))
         tracker.log_text(described, "world.json")
         return tracker
+
+    def _tracker_key(self) -> tuple[str, str]:
+        return self.tracking_uri, self.cfg.tracking.experiment
+
+    def _patience(self) -> float | None:
+        return None if os.environ.get(PATIENCE_ENV) else self.cfg.tracking.outage_s
+
+    def discard_early_tracker(self) -> None:
+        """Stop the tracking process started for this run when the run never starts."""
+        if self._early_tracker is not None:
+            self._early_tracker.discard()
+            self._early_tracker = None
 
     def _parent_run(self, key: str | None) -> tuple[str, dict[str, str], dict[str, Any]]:
         """The parent MLflow run's name, tags and params (``key``: its ``forkpop.run_key``)."""

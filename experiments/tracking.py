@@ -110,10 +110,11 @@ def tracking_patience(value: str | None = None) -> float:
 class Tracker:
     """Writes one parent run per population run and one nested run per variant.
 
-    The writes happen in a child process (started at once, so MLflow's import and store
-    set-up overlap Ray's start), at a lower CPU priority: MLflow's SQL store costs several
-    milliseconds of CPU per run and must not hold the driver's interpreter lock or take the
-    cores from the learners. Calls queue plain data; ``flush`` waits until it is written.
+    The writes happen in a child process, started before the driver imports torch so that
+    MLflow's import (seconds) runs beside it; once the parent run is open it drops to a lower
+    CPU priority: MLflow's SQL store costs milliseconds of CPU per run and must not hold the
+    driver's interpreter lock or take the cores from the learners. Calls queue plain data;
+    ``flush`` waits until it is written; the driver lets it lag by one generation.
     With ``FORKPOP_TRACKING_PROFILE=1`` the process prints each write's seconds to stderr.
 
     A tracking server (not a local store) that stops answering is retried with backoff
@@ -246,6 +247,12 @@ class Tracker:
             self._wait_for("flushed", self.timeout_s if timeout is None else timeout, token)
         self._raise_if_failed()
 
+    def discard(self) -> None:
+        """Stop a writer that was never given a run (its run failed on its input first)."""
+        if self._proc.is_alive():
+            self._proc.kill()
+        self._proc.join(timeout=10)
+
     def finish(self, status: str = "FINISHED", timeout: float | None = None) -> None:
         """Close the parent run with ``status``, write what is queued and stop the writer."""
         if not self._proc.is_alive() and self._proc.exitcode is not None:
@@ -372,12 +379,13 @@ def _writer_main(
     if remote:  # this process retries, with backoff and a bound; MLflow's retries would hide an outage for minutes
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(REQUEST_TIMEOUT_S))
-    if nice:
-        try:
-            os.nice(nice)
-        except OSError:
-            pass
-    seed_sqlite_store(uri)
+    # MLflow's import (seconds) starts at once, in parallel with the driver's own start-up; the
+    # store itself is opened (made, for a new SQLite file) only by the first job: a run that
+    # fails on its input before it starts recording leaves no store behind.
+    import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
+    from mlflow import MlflowClient  # noqa: F401
+
+    opened = False
     w = _Writer(uri, experiment, Path(artifact_root) if artifact_root else None)
     retry = _Retry(redact("uri", uri), patience_s if remote else None)
     error: str | None = None
@@ -409,6 +417,9 @@ def _writer_main(
             return
         if error is not None:
             continue  # the first failure is reported; later writes are skipped
+        if not opened:
+            seed_sqlite_store(uri)
+            opened = True
         t0 = time.perf_counter()
         ts = _now_ms()  # one timestamp per record, kept when it is retried
         args = job[1:]
@@ -428,11 +439,18 @@ def _writer_main(
             retry.run(partial(_attempt, getattr(w, kind), args, ts))
             if kind in ("start", "attach", "rejoin"):
                 acks.put(("started", w.run_id))
+                if nice:  # started at the driver's priority (the driver waits for it); writes yield to learners
+                    try:
+                        os.nice(nice)
+                    except OSError:
+                        pass
         except Exception as e:
             error = _report_failure(acks, e)
         busy += time.perf_counter() - t0
         if os.environ.get("FORKPOP_TRACKING_PROFILE"):
-            print(f"[tracking] {kind} {time.perf_counter() - t0:.4f}s", file=sys.stderr, flush=True)
+            print(
+                f"[tracking] {kind} {time.perf_counter() - t0:.4f}s at {time.time():.2f}", file=sys.stderr, flush=True
+            )
 
 
 def _attempt(write: Callable[..., Any], args: tuple, ts: int, again: bool) -> Any:
