@@ -542,18 +542,21 @@ class BatchedEngine:
             val_hits[m] = part.val_hits
 
         records: list[VariantRecord] = [VariantRecord() for _ in range(n)]
+        finite = torch.isfinite(final).all(1).tolist()
+        loss_rows = loss_np.T.astype(np.float64)  # (n, t_max): a variant's curve is a row
+        hit_rows = hit_np.T.copy()
         for s in range(n):  # s: position in the sorted stack
             rec = records[order[s]]
             ns = int(steps_s[s]) if death[s] < 0 else int(death[s])  # steps learned
             seen_steps = int(steps_s[s]) if death[s] < 0 else int(death[s]) + 1
             sizes = self.sizes[off_s[s] : off_s[s] + nb_s[s]]
             step_sizes = np.resize(sizes, seen_steps)
-            rec.loss = loss_np[:ns, s].astype(np.float64).tolist()
-            rec.preq_accuracy, rec.train_accuracy = online_accuracy(hit_np[:ns, s], step_sizes[:ns], int(nb_s[s]))
+            rec.loss = loss_rows[s, :ns].tolist()
+            rec.preq_accuracy, rec.train_accuracy = online_accuracy(hit_rows[s, :ns], step_sizes[:ns], int(nb_s[s]))
             rec.samples = int(step_sizes.sum())
             if death[s] < 0:
                 rec.epoch_ends = [int(nb_s[s]) * (e + 1) for e in range(int(steps_s[s] // nb_s[s]))]
-                if not bool(torch.isfinite(final[s]).all()):
+                if not finite[s]:
                     rec.status, rec.reason = "diverged", "non-finite weights after learning"
                 else:
                     rec.val_accuracy = float(val_hits[s]) / len(self.y_val)
