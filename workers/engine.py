@@ -242,7 +242,7 @@ class _LinearStack:
             buf = self._bufs[key] = like.new_empty(shape)
         return buf
 
-    def _forward(self, k: int, a: torch.Tensor):
+    def _forward(self, k: int, a: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Logits ``(k, C, B)`` of inputs ``a`` ``(k, D, B)``, and every op's saved tensor."""
         saved = []
         for op in self.ops:
@@ -519,12 +519,27 @@ class BatchedEngine:
         hyper = hyper[:, order]
         y_pool = self.y_pool if labels is None else labels.to(self.device)
         stacked = flats[torch.from_numpy(order)]
+        # Decided for the whole group, so that no variant's arithmetic depends on its part.
+        # Without clipping (which needs each whole gradient first) the stacked products add
+        # the gradients straight into the decayed momentum buffers: SGD in three passes.
+        fused = self.plan.kind == "stacked" and not bool((hyper[3] > 0).any())
+        decayed = bool((hyper[2] != 0).any())
 
         # Dealt round-robin, each part stays sorted longest first and gets an even share of the steps.
         n_parts = self._n_parts(n)
         parts = [np.arange(j, n, n_parts) for j in range(n_parts)]
         jobs = [
-            partial(self._learn_part, stacked[torch.from_numpy(m)], steps_s[m], nb_s[m], off_s[m], hyper[:, m], y_pool)
+            partial(
+                self._learn_part,
+                stacked[torch.from_numpy(m)],
+                steps_s[m],
+                nb_s[m],
+                off_s[m],
+                hyper[:, m],
+                y_pool,
+                fused,
+                decayed,
+            )
             for m in parts
         ]
         loss_np = np.full((t_max, n), np.nan, dtype=np.float32)
@@ -586,10 +601,13 @@ class BatchedEngine:
         off_s: np.ndarray,
         hyper: np.ndarray,
         y_pool: torch.Tensor,
+        fused: bool,
+        decayed: bool,
     ) -> _Part:
         """Learn one part of a group: ``flats`` ``(m, n_params)`` sorted by ``steps_s`` (longest
         first) with their niches' batch counts ``nb_s`` and table offsets ``off_s`` ``(m,)`` and
-        ``hyper`` ``(4, m)`` (lr, momentum, weight decay, clip)."""
+        ``hyper`` ``(4, m)`` (lr, momentum, weight decay, clip). ``fused``: the SGD step goes
+        into the backward (no clipping in the group); ``decayed``: some weight decay is not 0."""
         dev, bsz = self.device, self.batch_size
         m = flats.shape[0]
         t_max = int(steps_s[0])
@@ -602,10 +620,6 @@ class BatchedEngine:
         bufs = [torch.zeros_like(p) for p in params]
         lr_d, mom_d, wd_d, clip_d = (torch.tensor(v, dtype=torch.float32, device=dev) for v in hyper)
         clipped = bool((hyper[3] > 0).any())
-        decayed = bool((hyper[2] != 0).any())
-        # Without clipping (which needs each whole gradient first) the stacked products add
-        # the gradients straight into the decayed momentum buffers: SGD in three passes.
-        fused = self.plan.kind == "stacked" and not clipped
 
         def shaped(v: torch.Tensor, k: int) -> list[torch.Tensor]:
             return [v[:k].view(-1, *([1] * (p.dim() - 1))) for p in params]
