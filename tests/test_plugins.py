@@ -244,6 +244,7 @@ def test_a_user_model_in_the_current_directory_learns_on_ray_actors(tmp_path):
         "run.generations=1",
         "population.size=4",
         "data.n_niches=4",
+        "run.backend=ray",
         "run.workers=2",
         "run.num_cpus=2",
         f"run.run_dir={tmp_path}/runs",
