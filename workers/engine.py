@@ -50,10 +50,11 @@ ENGINES = ("batched", "loop")
 DEVICES = ("auto", "cpu", "cuda")
 
 # A CPU group learns in parts of MIN_PART to MAX_PART variants, at least one per torch thread.
-# Fewer than MIN_PART and a step's Python and dispatch overhead (some 40 small ops) outweighs
-# its matrix products; more than MAX_PART and a part's weights and momentum buffers (75 kB a
-# variant for the digits MLP) no longer stay in cache through a step's passes over them.
-MIN_PART = 8
+# Fewer than MIN_PART and a step's fixed cost (some 35 small ops, ~0.4 ms on 2 EPYC cores)
+# outweighs its matrix products (16 variants: one part on 2 torch threads 28, two parts of 8
+# 17 GFLOP/s); more than MAX_PART and a part's weights and momentum buffers (75 kB a variant
+# for the digits MLP) no longer stay in cache through a step's passes over them.
+MIN_PART = 12
 MAX_PART = 32
 
 T = TypeVar("T")
