@@ -672,18 +672,18 @@ class BatchedEngine:
                         torch._foreach_addcmul_(bk, wd_k, pk)
                     loss, correct, grads = stack.loss_grad(k, x, y, w, inv, acc=bk)
                 else:
-                    loss, correct, grads = stack.loss_grad(k, x, y.view(k, bsz), w, inv)  # torch.func ignores no_grad
+                    # (torch.func ignores no_grad)
+                    loss, correct, grads = stack.loss_grad(k, x, y.view(k, bsz), w, inv)
+                bad = None  # the variants to stop at this step, before its update (rare)
                 if t == 0:
                     thr.copy_(loss.clamp(min=1e-3).mul_(EXPLODED))
                     bad = ~torch.isfinite(loss)
-                # A cross-entropy is never -inf: ``loss <= thr`` fails exactly on the NaN, +inf
-                # and exploded ones; one test and one sync for the common step, where none is.
-                elif bool((loss <= thr_k).logical_or_(dead_k).all()):
-                    bad = None
-                else:
+                # One test and one sync for the common step: a cross-entropy is never -inf, so
+                # ``loss <= thr`` fails exactly on the NaN, +inf and exploded ones.
+                elif not bool((loss <= thr_k).logical_or_(dead_k).all()):
                     bad = ~(torch.isfinite(loss) & (loss <= thr_k))
-                if bad is not None and bool((bad := bad & ~dead_k).any()):
-                    # rare: stop those variants here, before this step's update
+                if bad is not None:
+                    bad &= ~dead_k
                     for i in torch.nonzero(bad).flatten().tolist():
                         death[i] = t
                         lv = float(loss[i])
