@@ -312,6 +312,9 @@ def analyze(
         if f.suffix == ".png":
             figures.append(("Lineage", f))
     bar.update(1)
+    from forkpop.experiments.explorer import ARTIFACT, build
+
+    (out / ARTIFACT).write_text(build(run_id, tracking_uri))
     report = out / "report.html"
     report.write_text(_html(data, figures))
     bar.update(1)
@@ -341,7 +344,8 @@ def _html(data: RunData, figures: list[tuple[str, Path]]) -> str:
         "figure{display:inline-block;width:48%;margin:0.5%}td{padding:2px 8px}"
         "table{border-collapse:collapse;font-size:13px}tr:nth-child(even){background:#f3f3f3}</style></head><body>"
         f"<h1>forkpop run {html.escape(data.name)}</h1><p>MLflow run {html.escape(data.run_id)}; "
-        f"{len(data.lineage)} births over {1 + max((v.generation for v in data.lineage), default=0)} generations.</p>"
+        f"{len(data.lineage)} births over {1 + max((v.generation for v in data.lineage), default=0)} generations. "
+        "The interactive lineage and curves: <a href='explorer.html'>explorer.html</a>, beside this report.</p>"
         f"{imgs}<h2>Last generation</h2><table>{rows}</table>"
         + (
             f"<h2>Samples of the final seed</h2><pre style='white-space:pre-wrap'>{html.escape(data.samples)}</pre>"

@@ -296,6 +296,33 @@ def cmd_analyze(args: argparse.Namespace, uri: str) -> int:
 
 
 @_with_store
+def cmd_explore(args: argparse.Namespace, uri: str) -> int:
+    from forkpop.experiments.explorer import build, serve
+
+    ui = args.mlflow_ui or (uri if uri.startswith(("http://", "https://")) else "")
+    page = build(args.run, uri, ui)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(page)
+        print(f"forkpop: explorer written to {args.out}")
+        if args.no_serve:
+            return 0
+    try:
+        server = serve(page, "127.0.0.1", args.port)
+    except OSError as e:
+        return _fail(f"cannot listen on 127.0.0.1:{args.port} ({e.strerror}); choose another --port (0: any free one)")
+    print(f"forkpop: explorer of run {args.run} at http://127.0.0.1:{server.server_address[1]}/ (Ctrl-C stops)")
+    sys.stdout.flush()
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
+
+
+@_with_store
 def cmd_compare(args: argparse.Namespace, uri: str) -> int:
     from forkpop.experiments.analysis import compare
 
@@ -304,66 +331,11 @@ def cmd_compare(args: argparse.Namespace, uri: str) -> int:
     return 0
 
 
-def _print_text_summary(s) -> None:  # noqa: ANN001 - RunSummary of a text-world run
-    w = s.world
-    print()
-    print(f"{'model':<18} {'test bits/byte':>14}")
-    print(f"{'final seed':<18} {w.get('test_bpb', float('nan')):>14.3f}")
-    print(f"{'best teacher':<18} {-s.best_individual_test_accuracy:>14.3f}")
-    print(f"{'teachers mixed':<18} {-s.ensemble_test_accuracy:>14.3f}")
-    niches = {k.split(".", 1)[1]: v for k, v in w.items() if k.startswith("test_bpb.")}
-    if niches:
-        print("per niche: " + ", ".join(f"{k} {v:.3f}" for k, v in niches.items()))
-    print(
-        f"rare 4-grams {w.get('test_bpb_rare4', float('nan')):.3f}, "
-        f"frequent {w.get('test_bpb_frequent4', float('nan')):.3f} bits/byte; "
-        f"{w.get('tokens_per_s', float('nan')):,.0f} tokens/s learning"
-    )
-    for text in s.samples[:2]:
-        print("sample of the final seed: " + repr(text[:160]))
-
-
 def _print_summary(s) -> None:  # noqa: ANN001 - RunSummary, imported lazily
-    if s.world and "test_bpb" in s.world:
-        _print_text_summary(s)
-        print(f"{'wall time':<18} {s.wall_seconds:>12.1f}s")
-        print(f"generations {s.generations}, MLflow run {s.mlflow_run_id}")
-        return
-    rows = [
-        ("final seed", s.seed_test_accuracy),
-        ("best individual", s.best_individual_test_accuracy),
-        ("top-k ensemble", s.ensemble_test_accuracy),
-    ]
+    from forkpop.experiments.closing import closing_table
+
     print()
-    print(f"{'model':<18} {'test accuracy':>13}")
-    for name, acc in rows:
-        print(f"{name:<18} {acc:>13.4f}")
-    print(f"{'wall time':<18} {s.wall_seconds:>12.1f}s")
-    if s.poisoned_niches:
-        print(
-            f"poisoned niches {s.poisoned_niches}: {s.poisoned_teachers} poisoned teachers over the run "
-            f"({s.unaudited_poisoned_teachers} with labels the audit left as they were)",
-            end="",
-        )
-        print(f", backdoor success {s.backdoor_success:.3f}" if s.backdoor_success == s.backdoor_success else "")
-    print(f"generations {s.generations}, MLflow run {s.mlflow_run_id}")
-    t = s.seconds
-    parts = {
-        "startup": "start-up (Ray, actors, MLflow)",
-        "learn_compute": "learning (slowest worker)",
-        "ray_overhead": "Ray overhead (and report time learning did not hide)",
-        "select": "selection",
-        "distill": "distillation",
-        "tracking_flush": "final tracking flush",
-    }
-    hidden = {
-        "evaluate": "evaluation",
-        "tracking": "tracking (driver)",
-        "checkpoint": "checkpoints",
-        "tracking_writer_cpu": "MLflow process CPU",
-    }
-    print("where the time went: " + ", ".join(f"{v} {t.get(k, 0.0):.2f}s" for k, v in parts.items()))
-    print("overlapped with learning: " + ", ".join(f"{v} {t.get(k, 0.0):.2f}s" for k, v in hidden.items()))
+    print(closing_table(s))
 
 
 def _launch_options(p: argparse.ArgumentParser, tracking_help: str) -> None:
@@ -434,6 +406,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tracking-uri", default=None, help=store)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_analyze)
+
+    p = sub.add_parser("explore", help="serve a run's interactive lineage and diversity explorer on 127.0.0.1")
+    p.add_argument("run", help="MLflow run id of the population run")
+    p.add_argument("--port", type=int, default=8765, help="port on 127.0.0.1 (default 8765; 0: any free one)")
+    p.add_argument("--out", default=None, metavar="FILE", help="also write the page to FILE")
+    p.add_argument("--no-serve", action="store_true", help="with --out: write the page and stop")
+    p.add_argument(
+        "--mlflow-ui",
+        default=None,
+        metavar="URL",
+        help="MLflow UI the page links variants to (default: the tracking URI when it is a server)",
+    )
+    p.add_argument("--tracking-uri", default=None, help=store)
+    p.set_defaults(func=cmd_explore)
 
     p = sub.add_parser("compare", help="several runs' curves on the same axes")
     p.add_argument("runs", nargs="+", help="MLflow run ids")

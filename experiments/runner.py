@@ -17,6 +17,7 @@ import torch
 import yaml
 from forkpop.experiments import core
 from forkpop.experiments.checkpoint import CheckpointError, read_checkpoint, read_seconds, state_from_checkpoint
+from forkpop.experiments.closing import closing_table
 from forkpop.experiments.config import ExperimentConfig, config_to_yaml, contained
 from forkpop.experiments.observers import (
     BackdoorProbe,
@@ -243,6 +244,7 @@ class PopulationRun:
             summary.workers = pool.describe()
             summary.driver_peak_rss = peak_rss_bytes()
             (self.run_dir / "summary.json").write_text(json.dumps(asdict(summary), indent=1, default=str))
+            tracker.publish(closing_table(summary))  # the explorer and the run's description, then finish
             status = "FINISHED"
             return summary
         except KeyboardInterrupt:

@@ -230,6 +230,11 @@ class Tracker:
     def set_tags(self, tags: dict[str, str]) -> None:
         self._jobs.put(("tags", dict(tags)))
 
+    def publish(self, summary_text: str) -> None:
+        """After the run's last record: the explorer page as the parent run's artifact, and the
+        run's description (``summary_text``, the closing table, and the explorer's link)."""
+        self._jobs.put(("publish", summary_text))
+
     def flush(self, timeout: float | None = None) -> float:
         """Wait until everything queued is written; returns the writer's busy seconds so far."""
         self.wait_flushed(self.flush_async(), timeout)
@@ -352,6 +357,9 @@ class NullTracker:
         pass
 
     def set_tags(self, tags: dict[str, str]) -> None:
+        pass
+
+    def publish(self, summary_text: str) -> None:
         pass
 
     def flush(self, timeout: float | None = None) -> float:
@@ -602,16 +610,22 @@ class _Writer:
         self.written: set[str] = set()  # variant runs this writer filled
 
     def _experiment_id(self) -> str:
+        from forkpop.experiments.explorer import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG
         from mlflow.exceptions import MlflowException
 
         exp = self.client.get_experiment_by_name(self.experiment)
         if exp is not None:
+            if EXPERIMENT_KIND_TAG not in exp.tags:  # made before forkpop set it; a user's choice is kept
+                self.client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
             return exp.experiment_id
         loc = None
         if self.artifact_root is not None and _is_local_store(self.uri):
             loc = (self.artifact_root / "mlartifacts").resolve().as_uri()
         try:
-            return self.client.create_experiment(self.experiment, artifact_location=loc)
+            # MLflow's UI opens it in its model-training view, not the GenAI one
+            return self.client.create_experiment(
+                self.experiment, artifact_location=loc, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
+            )
         except MlflowException as e:  # made meanwhile, by another run or by a create that timed out
             if e.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
@@ -824,6 +838,24 @@ class _Writer:
         from mlflow.entities import RunTag
 
         self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+
+    def publish(self, summary_text: str, ts: int | None = None, retry: bool = False) -> None:
+        """The explorer, built from what the store now holds (every generation, a resumed
+        run's earlier ones too), and the run's description. A page that cannot be built costs
+        a warning, never the run's records; a store that does not answer is retried as any write."""
+        from forkpop.experiments import explorer
+
+        try:
+            page = explorer.explorer_html(explorer.explorer_data(self.client, self.run_id))
+        except Exception as e:
+            if is_transient(e):
+                raise
+            print(f"forkpop: the explorer page was not built: {_short(e)}", file=sys.stderr)
+            page = None
+        if page is not None:
+            self.client.log_text(self.run_id, page, explorer.ARTIFACT)
+        text = explorer.description(summary_text, self.experiment_id, self.run_id, explorer=page is not None)
+        self.client.set_tag(self.run_id, explorer.NOTE_TAG, text)
 
     def finish(self, status: str, ts: int | None = None, retry: bool = False) -> None:
         """Close the parent run; after any retry, first delete runs that were made twice."""
