@@ -101,8 +101,16 @@ def _launch(args: argparse.Namespace, cfg, resume_dir: Path | None = None) -> in
         out = Path(args.summary)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(summary.__dict__, indent=1, default=str))
-    if resume_dir is None and summary.tracking_uri.startswith("sqlite:"):
-        print(f"see it: mlflow ui --backend-store-uri {summary.tracking_uri}")
+    if summary.mlflow_run_id:
+        from forkpop.experiments.explorer import WORKFLOW
+
+        uri = redact("uri", summary.tracking_uri)
+        run = f"#/experiments/{summary.mlflow_experiment_id}/runs/{summary.mlflow_run_id}?{WORKFLOW}"
+        if summary.tracking_uri.startswith("sqlite:"):
+            print(f"see it: mlflow ui --backend-store-uri {uri}, then http://127.0.0.1:5000/{run}")
+        elif summary.tracking_uri.startswith(("http://", "https://")):
+            print(f"see it: {uri.rstrip('/')}/{run}")
+        print(f"its explorer: forkpop explore {summary.mlflow_run_id} --tracking-uri {uri}")
     return 0
 
 

@@ -136,7 +136,9 @@
   // -- view ------------------------------------------------------------------------------------
   const view = { sx: 1, sy: 40, tx: 0, ty: 0 };
   const PAD_L = 56;
-  let hover = -1, selected = -1, selGen = nGens ? nGens - 1 : 0, dirty = true;
+  // the last generation with forks is the one shown first
+  let hover = -1, selected = -1, dirty = true;
+  let selGen = Math.max(0, ...rows.map((r, k) => (k % 2 === 1 && r.length ? (k - 1) / 2 : 0)));
   function fit() {
     const w = canvas.clientWidth - PAD_L - 20, h = canvas.clientHeight - 40;
     view.sx = w / Math.max(1, xMax - xMin + 2);
@@ -152,6 +154,7 @@
     if (!onlyX) view.sy = Math.min(600, Math.max(2, view.sy * f));
     view.tx = px - wx * view.sx;
     view.ty = py - wy * view.sy;
+    touch();
     draw();
   }
   function center(i) {
@@ -181,9 +184,128 @@
   }
 
   function related(i) {
-    // What a hovered variant highlights: a distilled seed its teachers, a fork its seed and the students it taught.
+    // What a hovered variant highlights: a seed its teachers, a fork its seed and the students it taught.
     if (i < 0) return new Set();
-    return new Set([i, ...V.parents[i], ...children[i].filter((c) => V.origin[c] !== 1 || V.origin[i] !== 1)]);
+    return new Set([i, ...V.parents[i], ...(V.origin[i] === 1 ? children[i] : [])]);
+  }
+
+  // The graph is drawn in two layers: the base (bands, edges, nodes, marks), rendered into an
+  // offscreen canvas with a margin around the view, and the overlay (hover, selection, the
+  // generation labels) drawn over it each frame. While the view moves, the base is only
+  // moved and scaled (cheap at any size); it is rendered again once the view rests.
+  const MARGIN = 0.5;
+  const base = document.createElement("canvas");
+  let baseView = null, interacting = false, idleTimer = 0;
+  function touch() {
+    interacting = true;
+    clearTimeout(idleTimer);
+    idleTimer = setTimeout(() => { interacting = false; draw(); }, 140);
+  }
+  const forkColor = new Array(N);
+  const spec = new Set(V.species.filter((x) => x !== null)).size > 1;
+  for (let i = 0; i < N; i++) {
+    forkColor[i] = V.flags[i] & (F.diverged | F.failed) ? "#a0aab6"
+      : spec && V.species[i] !== null ? SPECIES[V.species[i] % SPECIES.length] : "#2b6cb0";
+  }
+  const forkColors = [...new Set(forkColor.filter((c, i) => V.origin[i] === 1))];
+  const forkSpan = new Map(); // a seed: the x extent of its forks (the fan drawn when forks are dense)
+  for (let i = 0; i < N; i++) {
+    if (V.origin[i] !== 1 || !V.parents[i].length) continue;
+    const p = V.parents[i][0], e = forkSpan.get(p) || [Infinity, -Infinity, rowOf(i)];
+    forkSpan.set(p, [Math.min(e[0], X[i]), Math.max(e[1], X[i]), e[2]]);
+  }
+
+  function renderBase(W, H, dpr) {
+    const mx = W * MARGIN, my = H * MARGIN;
+    base.width = Math.round((W + 2 * mx) * dpr);
+    base.height = Math.round((H + 2 * my) * dpr);
+    const ctx = base.getContext("2d");
+    ctx.setTransform(dpr, 0, 0, dpr, dpr * mx, dpr * my);
+    const x0 = -mx, x1 = W + mx, y0 = -my, y1 = H + my;
+    for (let g = 0; g < nGens; g++) {
+      const a = sy(2 * g - 0.5), b = sy(2 * g + 1.5);
+      if (b < y0 || a > y1) continue;
+      ctx.fillStyle = g === selGen ? "#e3edfb" : g % 2 ? "#f6f8fa" : "#ffffff";
+      ctx.fillRect(x0, a, x1 - x0, b - a);
+    }
+    const { fr, sr } = sizes();
+    const dense = view.sx < 2.5; // forks closer than 2.5 px: a seed's forks as one fan
+    const cut = (xa, ya, xb, yb) => (ya < y0 && yb < y0) || (ya > y1 && yb > y1) || (xa < x0 && xb < x0) || (xa > x1 && xb > x1);
+    if (dense) {
+      ctx.fillStyle = "rgba(110,120,135,0.16)";
+      ctx.beginPath();
+      for (const [p, [lo, hi, r]] of forkSpan) {
+        const xp = sx(X[p]), yp = sy(rowOf(p)), yc = sy(r);
+        if (cut(Math.min(xp, sx(lo)), yp, Math.max(xp, sx(hi)), yc)) continue;
+        ctx.moveTo(xp, yp);
+        ctx.lineTo(sx(lo), yc);
+        ctx.lineTo(sx(hi), yc);
+        ctx.closePath();
+      }
+      ctx.fill();
+    }
+    ctx.lineWidth = 0.6;
+    for (const [style, teach] of [["rgba(110,120,135,0.35)", false], ["rgba(224,159,0,0.45)", true]]) {
+      if (dense && !teach) continue;
+      ctx.strokeStyle = style;
+      ctx.beginPath();
+      for (let c = 0; c < N; c++) {
+        if ((V.origin[c] !== 1) !== teach) continue;
+        const yc = sy(rowOf(c)), xc = sx(X[c]);
+        for (const p of V.parents[c]) {
+          const yp = sy(rowOf(p)), xp = sx(X[p]);
+          if (cut(xp, yp, xc, yc)) continue;
+          ctx.moveTo(xp, yp);
+          ctx.lineTo(xc, yc);
+        }
+      }
+      ctx.stroke();
+    }
+    const vis = (x, y, m) => x > x0 - m && x < x1 + m && y > y0 - m && y < y1 + m;
+    // forks: one path per colour (rectangles when small, discs when not), then teacher rings
+    for (const color of forkColors) {
+      ctx.fillStyle = color;
+      ctx.beginPath();
+      for (let i = 0; i < N; i++) {
+        if (V.origin[i] !== 1 || forkColor[i] !== color) continue;
+        const x = sx(X[i]), y = sy(rowOf(i));
+        if (!vis(x, y, 8)) continue;
+        if (fr < 2) ctx.rect(x - fr, y - fr, 2 * fr, 2 * fr);
+        else {
+          ctx.moveTo(x + fr, y);
+          ctx.arc(x, y, fr, 0, 2 * Math.PI);
+        }
+      }
+      ctx.fill();
+    }
+    ctx.strokeStyle = "#e09f00";
+    ctx.lineWidth = Math.max(1, fr * 0.45);
+    ctx.beginPath();
+    for (let i = 0; i < N; i++) {
+      if (V.origin[i] !== 1 || !(V.flags[i] & F.teacher)) continue;
+      const x = sx(X[i]), y = sy(rowOf(i)), r = fr + ctx.lineWidth / 2;
+      if (!vis(x, y, 8)) continue;
+      ctx.moveTo(x + r, y);
+      ctx.arc(x, y, r, 0, 2 * Math.PI);
+    }
+    ctx.stroke();
+    for (let i = 0; i < N; i++) {
+      const x = sx(X[i]), y = sy(rowOf(i));
+      if (!vis(x, y, 12)) continue;
+      const o = V.origin[i], f = V.flags[i];
+      if (o !== 1 && f & F.rejected) {
+        ctx.fillStyle = "#fff";
+        ctx.strokeStyle = "#8a94a3";
+        ctx.lineWidth = 1.5;
+        ctx.fillRect(x - sr, y - sr, 2 * sr, 2 * sr);
+        ctx.strokeRect(x - sr, y - sr, 2 * sr, 2 * sr);
+      } else if (o !== 1) {
+        ctx.fillStyle = o === 0 ? "#1d2430" : "#c53030";
+        ctx.fillRect(x - sr, y - sr, 2 * sr, 2 * sr);
+      }
+      if (f & (F.poisoned | F.screened | F.audited | F.diverged | F.failed)) mark(ctx, x, y, o === 1 ? fr : sr, f);
+    }
+    baseView = { sx: view.sx, sy: view.sy, tx: view.tx, ty: view.ty, selGen, W, H, dpr, mx, my };
   }
 
   function paint() {
@@ -192,35 +314,19 @@
     const dpr = window.devicePixelRatio || 1;
     const ctx = canvas.getContext("2d");
     const W = canvas.clientWidth, H = canvas.clientHeight;
+    const same = baseView && baseView.sx === view.sx && baseView.sy === view.sy && baseView.tx === view.tx
+      && baseView.ty === view.ty && baseView.selGen === selGen && baseView.W === W && baseView.H === H && baseView.dpr === dpr;
+    if (!same && (!interacting || !baseView || baseView.W !== W || baseView.H !== H || baseView.dpr !== dpr)) renderBase(W, H, dpr);
+    ctx.setTransform(1, 0, 0, 1, 0, 0);
+    ctx.clearRect(0, 0, canvas.width, canvas.height);
+    ctx.fillStyle = "#fafbfc";
+    ctx.fillRect(0, 0, canvas.width, canvas.height);
+    // the base, moved and scaled from the view it was rendered for to this one
+    const kx = view.sx / baseView.sx, ky = view.sy / baseView.sy;
+    ctx.setTransform(kx, 0, 0, ky, dpr * (view.tx - baseView.tx * kx - baseView.mx * kx), dpr * (view.ty - baseView.ty * ky - baseView.my * ky));
+    ctx.drawImage(base, 0, 0);
     ctx.setTransform(dpr, 0, 0, dpr, 0, 0);
-    ctx.clearRect(0, 0, W, H);
-    // generation bands and their labels
-    for (let g = 0; g < nGens; g++) {
-      const y0 = sy(2 * g - 0.5), y1 = sy(2 * g + 1.5);
-      if (y1 < 0 || y0 > H) continue;
-      ctx.fillStyle = g === selGen ? "#e3edfb" : g % 2 ? "#f6f8fa" : "#ffffff";
-      ctx.fillRect(0, y0, W, y1 - y0);
-    }
-    const { fr, sr } = sizes();
-    const vis = (x, y, m) => x > -m && x < W + m && y > -m && y < H + m;
     const rel = related(hover);
-    // edges: a fork from its seed (grey), a student from its teachers (amber)
-    ctx.lineWidth = 0.6;
-    for (const [style, teach] of [["rgba(110,120,135,0.35)", false], ["rgba(224,159,0,0.45)", true]]) {
-      ctx.strokeStyle = style;
-      ctx.beginPath();
-      for (let c = 0; c < N; c++) {
-        if ((V.origin[c] !== 1) !== teach) continue;
-        const yc = sy(rowOf(c)), xc = sx(X[c]);
-        for (const p of V.parents[c]) {
-          const yp = sy(rowOf(p)), xp = sx(X[p]);
-          if ((yc < 0 && yp < 0) || (yc > H && yp > H) || (xc < 0 && xp < 0) || (xc > W && xp > W)) continue;
-          ctx.moveTo(xp, yp);
-          ctx.lineTo(xc, yc);
-        }
-      }
-      ctx.stroke();
-    }
     if (hover >= 0) {
       ctx.strokeStyle = "#e09f00";
       ctx.lineWidth = 2;
@@ -232,46 +338,11 @@
       }
       ctx.stroke();
     }
-    // nodes: forks as dots (coloured by species), seeds as squares
-    const spec = new Set(V.species.filter((s) => s !== null)).size > 1;
-    for (let i = 0; i < N; i++) {
-      const x = sx(X[i]), y = sy(rowOf(i));
-      if (!vis(x, y, 12)) continue;
-      const o = V.origin[i], f = V.flags[i];
-      if (o === 1) {
-        ctx.fillStyle = spec && V.species[i] !== null ? SPECIES[V.species[i] % SPECIES.length] : "#2b6cb0";
-        if (f & (F.diverged | F.failed)) ctx.fillStyle = "#a0aab6";
-        if (fr < 2) ctx.fillRect(x - fr, y - fr, 2 * fr, 2 * fr);
-        else {
-          ctx.beginPath();
-          ctx.arc(x, y, fr, 0, 2 * Math.PI);
-          ctx.fill();
-        }
-        if (f & F.teacher) {
-          ctx.strokeStyle = "#e09f00";
-          ctx.lineWidth = Math.max(1, fr * 0.45);
-          ctx.beginPath();
-          ctx.arc(x, y, fr + ctx.lineWidth / 2, 0, 2 * Math.PI);
-          ctx.stroke();
-        }
-      } else if (f & F.rejected) {
-        ctx.fillStyle = "#fff";
-        ctx.strokeStyle = "#8a94a3";
-        ctx.lineWidth = 1.5;
-        ctx.fillRect(x - sr, y - sr, 2 * sr, 2 * sr);
-        ctx.strokeRect(x - sr, y - sr, 2 * sr, 2 * sr);
-      } else {
-        ctx.fillStyle = o === 0 ? "#1d2430" : "#c53030";
-        ctx.fillRect(x - sr, y - sr, 2 * sr, 2 * sr);
-      }
-      if (f & (F.poisoned | F.screened | F.audited | F.diverged | F.failed)) mark(ctx, x, y, o === 1 ? fr : sr, f);
-    }
     for (const i of rel) ring(ctx, i, i === hover ? "#e09f00" : "rgba(224,159,0,0.9)", 2);
     if (selected >= 0) ring(ctx, selected, "#1d2430", 2.5);
     // the generation labels, over the graph's left edge
     ctx.fillStyle = "rgba(250,251,252,0.92)";
     ctx.fillRect(0, 0, PAD_L, H);
-    ctx.font = "12px system-ui, sans-serif";
     ctx.textBaseline = "middle";
     for (let g = 0; g < nGens; g++) {
       const y = sy(2 * g + 0.5);
@@ -362,6 +433,7 @@
       const dx = e.clientX - drag.x, dy = e.clientY - drag.y;
       if (Math.abs(dx) + Math.abs(dy) > 3) drag.moved = true;
       if (drag.moved) {
+        touch();
         canvas.classList.add("dragging");
         view.tx = drag.tx + dx;
         view.ty = drag.ty + dy;
@@ -416,6 +488,12 @@
     const a = Math.abs(v);
     return a !== 0 && (a < 1e-3 || a >= 1e5) ? v.toExponential(3) : v.toPrecision(4);
   }
+  function short(v) {
+    const a = Math.abs(v);
+    if (a === 0) return "0";
+    if (a >= 1e4 || a < 1e-2) return v.toExponential(1);
+    return String(Number(v.toPrecision(3)));
+  }
   function vlink(i) {
     return el("a", { class: "vid", onclick: () => { select(i); center(i); } }, V.id[i]);
   }
@@ -429,9 +507,11 @@
   }
   function select(i) {
     selected = i;
-    if (V.gen[i] !== selGen) {
-      selGen = V.origin[i] === 2 && V.gen[i] > 0 ? V.gen[i] - 1 : V.gen[i];
+    const g = V.origin[i] === 2 && V.gen[i] > 0 ? V.gen[i] - 1 : V.gen[i];
+    if (g !== selGen) {
+      selGen = g;
       showGeneration();
+      drawCurves();
     }
     markRow();
     const kv = el("table", { class: "kv" });
@@ -475,7 +555,7 @@
     let runInfo;
     if (rid) {
       const base = mlflowBase();
-      const path = `#/experiments/${D.run.experiment_id}/runs/${rid}`;
+      const path = `#/experiments/${D.run.experiment_id}/runs/${rid}?workflowType=machine_learning`;
       runInfo = base
         ? el("div", { class: "runlink" }, el("a", { href: `${base}/${path}`, target: "_blank", rel: "noopener", id: "mlflow-link" }, `MLflow run ${rid}`))
         : el("div", { class: "runlink" }, `MLflow run ${rid} (experiment ${D.run.experiment_id}; in MLflow's UI: ${path})`);
@@ -511,16 +591,19 @@
     const heatWrap = el("div", { id: "heat-wrap" });
     if (m) {
       const n = m.n, bytes = atob(m.q);
+      let top = 0;
+      for (let k = 0; k < n * n; k++) top = Math.max(top, bytes.charCodeAt(k));
+      const vmax = Math.max(13, top); // as the report's heat maps: at least 0.05
       const size = Math.min(240, Math.max(120, n * 4));
       const c = el("canvas", { id: "heat", width: n, height: n, style: `width:${size}px;height:${size}px` });
       const ctx = c.getContext("2d");
       const img = ctx.createImageData(n, n);
       for (let k = 0; k < n * n; k++) {
-        const [r, gg, b] = viridis(bytes.charCodeAt(k) / 255);
+        const [r, gg, b] = viridis(bytes.charCodeAt(k) / vmax);
         img.data[4 * k] = r; img.data[4 * k + 1] = gg; img.data[4 * k + 2] = b; img.data[4 * k + 3] = 255;
       }
       ctx.putImageData(img, 0, 0);
-      const tip = el("div", { class: "note", id: "heat-tip" }, `pairwise disagreement on the probe, ${n} variants` + (n < genMembers(g).length ? " (a subsample)" : "") + "; 0 dark, 1 bright");
+      const tip = el("div", { class: "note", id: "heat-tip" }, `pairwise disagreement on the probe, ${n} variants` + (n < genMembers(g).length ? " (a subsample)" : "") + `; 0 dark, ${(vmax / 255).toFixed(2)} bright`);
       const cell = (e) => {
         const b = c.getBoundingClientRect();
         const a = Math.floor(((e.clientY - b.top) / b.height) * n), q = Math.floor(((e.clientX - b.left) / b.width) * n);
@@ -549,7 +632,7 @@
     for (const i of seeds.concat(members)) {
       const f = V.flags[i];
       const notes = [];
-      if (V.origin[i] !== 1) notes.push(V.origin[i] === 0 ? "seed" : V.gen[i] === g ? "seed" : f & F.rejected ? "student, not accepted" : "student");
+      if (V.origin[i] !== 1) notes.push(f & F.rejected ? "student, not accepted" : V.gen[i] === g ? "seed" : "student, accepted");
       if (f & F.teacher) notes.push("teacher");
       for (const k of ["poisoned", "screened", "audited", "diverged", "failed"]) if (f & F[k]) notes.push(k);
       const tr = el("tr", { "data-i": i, onclick: () => { select(i); center(i); } },
@@ -574,36 +657,32 @@
   }
 
   // -- the curves --------------------------------------------------------------------------------
-  const groups = D.groups.filter(([, keys]) => keys.length);
-  const grouped = new Set(groups.flatMap(([, keys]) => keys));
-  const rest = {};
-  for (const k of Object.keys(D.metrics)) {
-    if (grouped.has(k) || k.startsWith("gene.")) continue;
-    const p = k.includes(".") ? k.split(".")[0] : "run";
-    (rest[p] = rest[p] || []).push(k);
-  }
-  for (const [p, keys] of Object.entries(rest)) groups.push([p === "run" ? "Other figures of the run" : `${p}.*`, keys]);
-  const genes = Object.keys(D.metrics).filter((k) => k.startsWith("gene.") && !k.startsWith("gene.teacher."));
-  if (genes.length) groups.push(["The seed's genes", genes]);
+  const groups = D.groups;
   const charts = [];
   function drawCurves() {
     for (const c of charts) c();
   }
-  for (const [name, keys] of groups) {
-    const box = el("div", { class: "chart" }, el("h3", {}, name));
+  for (const [name, keys, scaled] of groups) {
+    const box = el("div", { class: "chart" }, el("h3", {}, name + (scaled ? " · each curve over its own range" : "")));
     const svg = sv("svg", { viewBox: "0 0 340 170", preserveAspectRatio: "none" });
     const keyRow = el("div", { class: "keys" });
     keys.forEach((k, j) => keyRow.append(el("span", {}, el("i", { style: `background:${COLORS[j % COLORS.length]}` }), k.replace(/^div\./, ""))));
     box.append(svg, keyRow);
     curves.append(box);
-    const pts = keys.map((k) => D.metrics[k].filter(([, v]) => v !== null));
-    const all = pts.flat();
+    const raw = keys.map((k) => D.metrics[k].filter(([, v]) => v !== null));
+    const all = raw.flat();
     if (!all.length) continue;
-    const steps = all.map(([s]) => s), vals = all.map(([, v]) => v);
+    // a scaled chart draws each curve over its own range, 0 to 1 (values in the hover text)
+    const pts = raw.map((p) => {
+      if (!scaled) return p.map(([s, v]) => [s, v, v]);
+      const lo = minOf(p.map(([, v]) => v)), hi = maxOf(p.map(([, v]) => v));
+      return p.map(([s, v]) => [s, hi > lo ? (v - lo) / (hi - lo) : 0.5, v]);
+    });
+    const steps = all.map(([s]) => s), vals = pts.flat().map(([, v]) => v);
     const s0 = minOf(steps), s1 = Math.max(maxOf(steps), s0 + 1);
     let v0 = minOf(vals), v1 = maxOf(vals);
     if (v1 - v0 < 1e-12) { v0 -= 0.5; v1 += 0.5; }
-    const L = 38, R = 332, T = 8, B = 150;
+    const L = 46, R = 332, T = 8, B = 150;
     const X_ = (s) => L + ((s - s0) / (s1 - s0)) * (R - L);
     const Y_ = (v) => B - ((v - v0) / (v1 - v0)) * (B - T);
     const render = () => {
@@ -611,7 +690,7 @@
       svg.append(sv("line", { x1: L, y1: B, x2: R, y2: B, stroke: "#c8cfd8" }), sv("line", { x1: L, y1: T, x2: L, y2: B, stroke: "#c8cfd8" }));
       for (const v of [v0, (v0 + v1) / 2, v1]) {
         const t = sv("text", { x: L - 3, y: Y_(v) + 3, "text-anchor": "end", "font-size": 9, fill: "#5b6573" });
-        t.textContent = fmt(v);
+        t.textContent = scaled ? (v === v0 ? "min" : v === v1 ? "max" : "") : short(v);
         svg.append(t);
       }
       for (const s of [s0, Math.round((s0 + s1) / 2), s1]) {
@@ -624,10 +703,10 @@
         if (!p.length) return;
         const color = COLORS[j % COLORS.length];
         svg.append(sv("polyline", { points: p.map(([s, v]) => `${X_(s)},${Y_(v)}`).join(" "), fill: "none", stroke: color, "stroke-width": 1.6, "vector-effect": "non-scaling-stroke" }));
-        for (const [s, v] of p) {
+        for (const [s, v, value] of p) {
           const c = sv("circle", { cx: X_(s), cy: Y_(v), r: s === selGen ? 3.2 : 1.8, fill: color });
           const t = sv("title", {});
-          t.textContent = `${keys[j]} at generation ${s}: ${fmt(v)}`;
+          t.textContent = `${keys[j]} at generation ${s}: ${fmt(value)}`;
           c.append(t);
           svg.append(c);
         }
@@ -658,9 +737,11 @@
       return { x: b.left + sx(X[i]), y: b.top + sy(rowOf(i)) };
     },
     center: (id) => center(byId.get(id)),
+    panBy: (dx, dy) => { touch(); view.tx += dx; view.ty += dy; draw(); },
     select: (id) => select(byId.get(id)),
     selectGeneration,
-    paintMs: () => { const t = performance.now(); dirty = true; paint(); return performance.now() - t; },
+    // one frame's drawing; ``full``: the base rendered again too (as when the view rests)
+    paintMs: (full) => { const t = performance.now(); if (full) baseView = null; dirty = true; paint(); return performance.now() - t; },
     view,
   };
   document.body.dataset.ready = "true";

@@ -20,6 +20,9 @@ ARTIFACT = "explorer.html"
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"  # MLflow's model-training view, not the GenAI one
 NOTE_TAG = "mlflow.note.content"  # the run's description in MLflow's UI
+# MLflow 3.17's UI takes its view from a global switch (GenAI by default), not from the
+# experiment's tag: forkpop's links to the UI carry the model-training one.
+WORKFLOW = "workflowType=machine_learning"
 
 # Per-node flags (a bit each), as the page reads them.
 FLAGS = {
@@ -35,17 +38,43 @@ FLAGS = {
 ORIGINS = ["seed", "fork", "distill"]
 _HERE = Path(__file__).parent
 
+# Curves beyond the report's plots (analysis.PLOTS), one chart each; a key ending in "." takes
+# every metric it begins; "scaled" charts draw each curve over its own range (hover: values).
+EXTRA_CHARTS: list[tuple[str, list[str], bool]] = [
+    ("Distillation: the student against the seed (validation)", ["student_val_accuracy", "seed_val_accuracy"], False),
+    ("Prediction entropy of the seed and of the student", ["seed_entropy", "student_entropy"], False),
+    ("The student's acceptance test", ["accept_gain", "accept_z"], True),
+    (
+        "Defences: poisoned teachers, screened, audited and diverged variants",
+        ["poisoned_teachers", "unaudited_poisoned_teachers", "label_screened", "audited_variants", "diverged"],
+        False,
+    ),
+    ("Gene spread in the population (std of each gene)", ["div.gene_std."], True),
+    (
+        "The population: species, variants measured pairwise, lineage depth",
+        ["div.species", "div.pairwise_variants", "div.depth"],
+        True,
+    ),
+    ("Transfer set of the distillation", ["transfer_generated", "transfer_real_fraction"], True),
+    ("The seed's genes", ["gene."], True),
+    ("The teachers' genes (mean)", ["gene.teacher."], True),
+]
+
 
 def _truthy(v: Any) -> bool:
     return v is True or (isinstance(v, str) and v.lower() == "true")
 
 
-def _num(v: Any) -> float | None:
+def _num(v: Any, digits: int = 6) -> float | int | None:
+    """A number for the page, to ``digits`` significant digits (the page shows four)."""
     try:
         f = float(v)
     except (TypeError, ValueError):
         return None
-    return f if math.isfinite(f) else None
+    if not math.isfinite(f):
+        return None
+    f = float(f"{f:.{digits}g}")
+    return int(f) if f.is_integer() and abs(f) < 2**53 else f
 
 
 def _artifact_json(repo: Any, folder: str, tmp: str) -> dict[str, Any]:
@@ -72,7 +101,6 @@ def explorer_data(client: Any, run_id: str) -> dict[str, Any]:
     """What the page shows, read from the MLflow store: the run, every birth (from the
     ``variants/`` tables and the nested runs), the parent run's curves and the per-generation
     disagreement matrices."""
-    from forkpop.experiments.analysis import PLOTS
     from forkpop.experiments.tracking import PARENT_TAG
 
     run = client.get_run(run_id)
@@ -126,7 +154,7 @@ def explorer_data(client: Any, run_id: str) -> dict[str, Any]:
         },
         **_columns(list(rows.values())),
         "metrics": {k: v for k, v in metrics.items() if not k.startswith("time_")},
-        "groups": [[title, [k for k in keys if k in metrics]] for title, keys in PLOTS.values()],
+        "groups": chart_groups(metrics),
         "matrices": {
             str(g): {"ids": m["ids"], "n": len(m["ids"]), "q": _quantized(m["disagreement"])}
             for g, m in sorted(matrices.items())
@@ -222,6 +250,35 @@ class _SqlReads:
         return [(rid, t, p, m) for rid, (t, p, m) in out.items()]
 
 
+def chart_groups(metrics: dict[str, Any]) -> list[list]:
+    """The page's charts, ``[title, keys, scaled]``: the report's plots, then :data:`EXTRA_CHARTS`,
+    then each metric no chart has taken, alone (a world's own measures among them)."""
+    from forkpop.experiments.analysis import PLOTS
+
+    taken: set[str] = set()
+    out = []
+
+    def claim(title: str, keys: list[str], scaled: bool) -> None:
+        found = []
+        for k in keys:
+            if k.endswith("."):
+                found += sorted(m for m in metrics if m.startswith(k) and m not in taken and "." not in m[len(k) :])
+            elif k in metrics and k not in taken:
+                found.append(k)
+        if found:
+            taken.update(found)
+            out.append([title, found, scaled])
+
+    for title, keys in PLOTS.values():
+        claim(title, keys, False)
+    for title, keys, scaled in EXTRA_CHARTS:
+        claim(title, keys, scaled)
+    for k in sorted(metrics):
+        if k not in taken and not k.startswith("time_"):
+            claim(k, [k], False)
+    return out
+
+
 # Row fields the page shows in their own places, not among a variant's figures.
 _OWN = {"id", "generation", "origin", "parents", "niche", "status", "reason", "label_audit", "species", "variant_id"}
 _OWN |= {"teacher", "accepted", "poisoned", "label_screened", "parent_ids", "run_key", "kind", "world"}
@@ -314,7 +371,7 @@ def build(run_id: str, tracking_uri: str | None, mlflow_ui: str = "") -> str:
 
 def ui_link(experiment_id: str, run_id: str) -> str:
     """The explorer's place in MLflow's UI, relative to the UI's address."""
-    return f"#/experiments/{experiment_id}/runs/{run_id}/artifacts/{ARTIFACT}"
+    return f"#/experiments/{experiment_id}/runs/{run_id}/artifacts/{ARTIFACT}?{WORKFLOW}"
 
 
 def description(summary_text: str, experiment_id: str, run_id: str, explorer: bool = True) -> str:

@@ -66,6 +66,7 @@ class RunSummary:
     history: list[dict[str, Any]]
     seconds: dict[str, float]
     workers: list[dict[str, Any]] = field(default_factory=list)  # node, device, engine, peak_rss per worker
+    mlflow_experiment_id: str = ""
     poisoned_niches: list[int] = field(default_factory=list)
     poisoned_teachers: int = 0  # over all generations
     unaudited_poisoned_teachers: int = 0  # of those, teachers whose poisoned labels the audit did not read anew
@@ -320,6 +321,7 @@ class PopulationRun:
             wall_seconds=time.perf_counter() - t_start,
             generations=cfg.run.generations,
             mlflow_run_id=run_id,
+            mlflow_experiment_id=getattr(tracker, "experiment_id", ""),
             tracking_uri=self.tracking_uri,
             run_dir=str(self.run_dir.resolve()),
             seed_val_accuracy=last.seed_val_accuracy,

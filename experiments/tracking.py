@@ -138,6 +138,7 @@ class Tracker:
         # How long the driver waits on the writer: past a whole outage and one hung request.
         self.timeout_s = max(600.0, self.patience_s + 2 * REQUEST_TIMEOUT_S + 60.0)
         self.run_id: str | None = None
+        self.experiment_id = ""
         self.cpu_seconds = 0.0
         self._busy_seconds = 0.0
         self._error: str | None = None
@@ -284,6 +285,7 @@ class Tracker:
         what = msg[0]
         if what == "started":
             self.run_id = msg[1]
+            self.experiment_id = msg[2] if len(msg) > 2 else ""
         elif what == "error":
             if self._error is None:
                 self._error, self._unreachable = msg[1], msg[2:] == ("unreachable",)
@@ -327,6 +329,7 @@ class NullTracker:
 
     uri = ""
     run_id = ""
+    experiment_id = ""
     cpu_seconds = 0.0
 
     def start(self, run_name: str, tags: dict[str, str], params: dict[str, Any], resume=None) -> str:  # noqa: ANN001
@@ -446,7 +449,7 @@ def _writer_main(
                 kind, args = "variants", (batch,)
             retry.run(partial(_attempt, getattr(w, kind), args, ts))
             if kind in ("start", "attach", "rejoin"):
-                acks.put(("started", w.run_id))
+                acks.put(("started", w.run_id, str(w.experiment_id)))
                 if nice:  # started at the driver's priority (the driver waits for it); writes yield to learners
                     try:
                         os.nice(nice)
@@ -846,7 +849,9 @@ class _Writer:
         from forkpop.experiments import explorer
 
         try:
-            page = explorer.explorer_html(explorer.explorer_data(self.client, self.run_id))
+            data = explorer.explorer_data(self.client, self.run_id)
+            data["run"]["status"] = "FINISHED"  # closed right after this page is logged
+            page = explorer.explorer_html(data)
         except Exception as e:
             if is_transient(e):
                 raise
