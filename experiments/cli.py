@@ -305,13 +305,13 @@ def cmd_analyze(args: argparse.Namespace, uri: str) -> int:
 
 @_with_store
 def cmd_explore(args: argparse.Namespace, uri: str) -> int:
-    from forkpop.experiments.explorer import build, serve
+    from forkpop.experiments.explorer import LivePage, serve
 
     ui = args.mlflow_ui or (uri if uri.startswith(("http://", "https://")) else "")
-    page = build(args.run, uri, ui)
+    page = LivePage(args.run, uri, ui)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(page)
+        Path(args.out).write_text(page.page)
         print(f"forkpop: explorer written to {args.out}")
         if args.no_serve:
             return 0
@@ -319,7 +319,8 @@ def cmd_explore(args: argparse.Namespace, uri: str) -> int:
         server = serve(page, "127.0.0.1", args.port)
     except OSError as e:
         return _fail(f"cannot listen on 127.0.0.1:{args.port} ({e.strerror}); choose another --port (0: any free one)")
-    print(f"forkpop: explorer of run {args.run} at http://127.0.0.1:{server.server_address[1]}/ (Ctrl-C stops)")
+    live = "" if page.ended else "; the run is going on: a reload shows its newest generations"
+    print(f"forkpop: explorer of run {args.run} at http://127.0.0.1:{server.server_address[1]}/ (Ctrl-C stops{live})")
     sys.stdout.flush()
     try:
         server.serve_forever()

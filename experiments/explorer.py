@@ -12,6 +12,7 @@ import base64
 import html
 import json
 import math
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -353,6 +354,11 @@ def explorer_html(data: dict[str, Any], mlflow_ui: str = "") -> str:
 
 def build(run_id: str, tracking_uri: str | None, mlflow_ui: str = "") -> str:
     """The explorer page of a population run in a reachable store."""
+    return _build(run_id, tracking_uri, mlflow_ui)[0]
+
+
+def _build(run_id: str, tracking_uri: str | None, mlflow_ui: str = "") -> tuple[str, str]:
+    """The page and the run's status."""
     from forkpop.experiments.analysis import AnalysisError
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
@@ -366,7 +372,8 @@ def build(run_id: str, tracking_uri: str | None, mlflow_ui: str = "") -> str:
         ) from None
     if run.data.tags.get("forkpop.kind") != "population":
         raise AnalysisError(f"run {run_id} is not a forkpop population run (a variant's run? give its parent)")
-    return explorer_html(explorer_data(client, run_id), mlflow_ui)
+    data = explorer_data(client, run_id)
+    return explorer_html(data, mlflow_ui), data["run"]["status"]
 
 
 def ui_link(experiment_id: str, run_id: str) -> str:
@@ -390,17 +397,21 @@ def description(summary_text: str, experiment_id: str, run_id: str, explorer: bo
     )
 
 
-def serve(page: str, host: str = "127.0.0.1", port: int = 0):  # noqa: ANN201 - an http.server
-    """A server for one page on ``host`` (loopback by default); ``port`` 0 takes a free one."""
+def serve(page: Any, host: str = "127.0.0.1", port: int = 0):  # noqa: ANN201 - an http.server
+    """A server for one page on ``host`` (loopback by default); ``port`` 0 takes a free one.
+    ``page`` is the page, or a function that returns it at each request (a live run)."""
+    import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-    body = page.encode()
+    lock = threading.Lock()
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802 - http.server's name
             if self.path.split("?")[0] not in ("/", "/index.html", f"/{ARTIFACT}"):
                 self.send_error(404)
                 return
+            with lock:
+                body = (page() if callable(page) else page).encode()
             self.send_response(200)
             self.send_header("Content-Type", "text/html; charset=utf-8")
             self.send_header("Content-Length", str(len(body)))
@@ -412,3 +423,22 @@ def serve(page: str, host: str = "127.0.0.1", port: int = 0):  # noqa: ANN201 - 
             pass
 
     return ThreadingHTTPServer((host, port), Handler)
+
+
+class LivePage:
+    """A run's page, built again at each request while the run is still going (a reload shows
+    its newest generations), kept once it has ended."""
+
+    def __init__(self, run_id: str, tracking_uri: str | None, mlflow_ui: str = ""):
+        self.run_id, self.uri, self.ui = run_id, tracking_uri, mlflow_ui
+        self.page, status = _build(run_id, tracking_uri, mlflow_ui)  # a bad id fails here, before serving
+        self.ended = status != "RUNNING"
+
+    def __call__(self) -> str:
+        if not self.ended:
+            try:
+                self.page, status = _build(self.run_id, self.uri, self.ui)
+                self.ended = status != "RUNNING"
+            except Exception as e:  # the store went away: the last page is served, and said so
+                print(f"forkpop: the page is as it was; the store did not answer: {e}", file=sys.stderr)
+        return self.page

@@ -74,7 +74,7 @@ def test_a_run_logs_its_explorer_its_description_and_the_model_training_view(run
     assert edges == set(lin.edges())
     for v in lin:  # the genome shown is the one recorded
         got = dict(zip(data["genes"], data["genome"][idx[v.id]], strict=True))
-        assert got == pytest.approx(v.genome.as_dict())
+        assert got == pytest.approx(v.genome.as_dict(), rel=1e-5)  # six significant digits
     poisoned = run["summary"]["poisoned_niches"]
     forks = [i for i, o in enumerate(data["nodes"]["origin"]) if o == explorer.ORIGINS.index("fork")]
     marked = {i for i in forks if data["nodes"]["flags"][i] & explorer.FLAGS["poisoned"]}
@@ -261,3 +261,18 @@ def test_the_explorer_runs_inside_mlflows_artifact_view(run):
             assert reqs.off_machine() == []
     finally:
         _stop(proc)
+
+
+def test_a_live_run_is_built_again_at_each_request_and_kept_once_ended(run):
+    c = _client(run)
+    exp = c.get_run(run["id"]).info.experiment_id
+    live = c.create_run(exp, tags={"forkpop.kind": "population"}, run_name="live").info.run_id  # no births yet
+    page = explorer.LivePage(live, run["uri"])
+    assert not page.ended and _page_data(page.page)["nodes"]["id"] == []
+    c.log_metric(live, "seed_test_accuracy", 0.5, step=0)
+    assert _page_data(page())["metrics"]["seed_test_accuracy"] == [[0, 0.5]]
+    c.set_terminated(live, "KILLED")
+    page()
+    assert page.ended
+    c.log_metric(live, "seed_test_accuracy", 0.6, step=1)
+    assert _page_data(page())["metrics"]["seed_test_accuracy"] == [[0, 0.5]]  # an ended run's page is kept
