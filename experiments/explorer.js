@@ -736,9 +736,9 @@
       const b = canvas.getBoundingClientRect();
       return { x: b.left + sx(X[i]), y: b.top + sy(rowOf(i)) };
     },
-    center: (id) => center(byId.get(id)),
+    center: (id) => byId.has(id) && (center(byId.get(id)), true),
     panBy: (dx, dy) => { touch(); view.tx += dx; view.ty += dy; draw(); },
-    select: (id) => select(byId.get(id)),
+    select: (id) => byId.has(id) && (select(byId.get(id)), true),
     selectGeneration,
     // one frame's drawing; ``full``: the base rendered again too (as when the view rests)
     paintMs: (full) => { const t = performance.now(); if (full) baseView = null; dirty = true; paint(); return performance.now() - t; },
