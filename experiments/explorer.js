@@ -520,7 +520,8 @@
     row("born", `${o === "distill" ? "distilled" : o === "fork" ? "forked" : "first seed"}, generation ${V.gen[i]}`);
     if (V.niche[i] !== null) row("niche", String(V.niche[i]));
     if (V.species[i] !== null) row("species", String(V.species[i]));
-    if (fitness[i] !== null) row(o === "fork" ? "fitness (val. accuracy)" : "val. accuracy", fmt(fitness[i]));
+    const what = D.run.world === "text" ? "−bits/byte" : "accuracy";
+    if (fitness[i] !== null) row(o === "fork" ? `fitness (val. ${what})` : `val. ${what}`, fmt(fitness[i]));
     const chips = el("span");
     const chip = (t, c) => chips.append(el("span", { class: `chip ${c || ""}` }, t));
     if (V.status[i]) chip(V.status[i], V.status[i] === "ok" ? "good" : "bad");
@@ -556,8 +557,11 @@
     if (rid) {
       const base = mlflowBase();
       const path = `#/experiments/${D.run.experiment_id}/runs/${rid}?workflowType=machine_learning`;
+      // MLflow's artifact view frames the page without pop-ups: there the address is shown to copy
+      const framed = location.protocol === "blob:";
       runInfo = base
-        ? el("div", { class: "runlink" }, el("a", { href: `${base}/${path}`, target: "_blank", rel: "noopener", id: "mlflow-link" }, `MLflow run ${rid}`))
+        ? el("div", { class: "runlink" }, el("a", { href: `${base}/${path}`, target: "_blank", rel: "noopener", id: "mlflow-link" }, `MLflow run ${rid}`),
+          ...(framed ? [el("div", { class: "note" }, `MLflow's frame opens no new tab; the run's address: ${base}/${path}`)] : []))
         : el("div", { class: "runlink" }, `MLflow run ${rid} (experiment ${D.run.experiment_id}; in MLflow's UI: ${path})`);
     } else {
       runInfo = el("div", { class: "note" }, "No nested MLflow run (tracking.variant_runs): this birth is a row of the parent run's " +

@@ -155,7 +155,7 @@ def explorer_data(client: Any, run_id: str) -> dict[str, Any]:
         },
         **_columns(list(rows.values())),
         "metrics": {k: v for k, v in metrics.items() if not k.startswith("time_")},
-        "groups": chart_groups(metrics),
+        "groups": chart_groups(metrics, tags.get("forkpop.world", "")),
         "matrices": {
             str(g): {"ids": m["ids"], "n": len(m["ids"]), "q": _quantized(m["disagreement"])}
             for g, m in sorted(matrices.items())
@@ -251,7 +251,14 @@ class _SqlReads:
         return [(rid, t, p, m) for rid, (t, p, m) in out.items()]
 
 
-def chart_groups(metrics: dict[str, Any]) -> list[list]:
+# The text world's fitness and "accuracies" are minus bits per byte: its charts say so.
+TEXT_TITLES = {
+    "fitness": "Fitness of the forks (minus validation bits per byte)",
+    "seed_accuracy": "Minus bits per byte: the seed (validation, test), the best teacher, the teachers mixed",
+}
+
+
+def chart_groups(metrics: dict[str, Any], world: str = "") -> list[list]:
     """The page's charts, ``[title, keys, scaled]``: the report's plots, then :data:`EXTRA_CHARTS`,
     then each metric no chart has taken, alone (a world's own measures among them)."""
     from forkpop.experiments.analysis import PLOTS
@@ -270,8 +277,8 @@ def chart_groups(metrics: dict[str, Any]) -> list[list]:
             taken.update(found)
             out.append([title, found, scaled])
 
-    for title, keys in PLOTS.values():
-        claim(title, keys, False)
+    for name, (title, keys) in PLOTS.items():
+        claim(TEXT_TITLES.get(name, title) if world == "text" else title, keys, False)
     for title, keys, scaled in EXTRA_CHARTS:
         claim(title, keys, scaled)
     for k in sorted(metrics):
