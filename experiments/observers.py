@@ -385,9 +385,11 @@ class Tracking(Observer):
         # records while the next one learns. A generation is vouched for (``confirmed``; the
         # runner marks its checkpoint ``tracked``) once the writer has passed the mark after
         # its records: a resume starts from the last such checkpoint, so it never lacks a
-        # record (those of later generations it deletes and makes again).
+        # record (those of later generations it deletes and makes again). Until the writer
+        # has opened the run (MLflow's import takes seconds) nothing is waited for: its
+        # backlog is a few generations of small records, written once it is up.
         self.marks.append((r.generation, t.flush_async()))
-        while len(self.marks) > 1:
+        while len(self.marks) > 1 and t.started():
             g, token = self.marks.pop(0)
             t.wait_flushed(token)
             self.done.append(g)

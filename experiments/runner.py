@@ -141,6 +141,7 @@ class PopulationRun:
         else:
             tracker = NullTracker()
         if self.resume is not None:
+            self._run_json = dict(self.resume)  # a run killed before MLflow named it gets its id now
             state = self._restore()
             last = GenerationRecord(**state["records"][-1]).metrics() if state["records"] else None
             if self.resume.get("mlflow_run_id") or not self.tracking:
@@ -195,7 +196,7 @@ class PopulationRun:
 
     def _save_run_id(self, tracker: Tracker | NullTracker, wait: bool = False) -> None:
         """Write the MLflow run's id into ``run.json`` once the writer has it (``wait``: now)."""
-        if self.resume is not None or not self.tracking or self._run_json.get("mlflow_run_id"):
+        if not self.tracking or self._run_json.get("mlflow_run_id"):
             return
         run_id = tracker.wait_started() if wait else tracker.poll()
         if run_id:
