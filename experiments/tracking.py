@@ -262,10 +262,24 @@ class Tracker:
         if self._proc.is_alive():
             self._proc.kill()
         self._proc.join(timeout=10)
+        self._release_queues()
+
+    def _release_queues(self) -> None:
+        """Once the writer is gone: close the queues and drop them, so that their semaphores are
+        released now. The CLI ends with ``os._exit``, which runs no finalizer, and Python's
+        resource tracker would report them as leaked."""
+        if self._proc.is_alive() or self._jobs is None:
+            return
+        for q in (self._jobs, self._acks):
+            q.close()
+            q.join_thread()
+        self._proc._args = ()  # the process object holds the queues too
+        self._jobs = self._acks = None
 
     def finish(self, status: str = "FINISHED", timeout: float | None = None) -> None:
         """Close the parent run with ``status``, write what is queued and stop the writer."""
         if not self._proc.is_alive() and self._proc.exitcode is not None:
+            self._release_queues()
             self._raise_if_failed()
             return
         self._jobs.put(("finish", status))
@@ -275,11 +289,13 @@ class Tracker:
             self._proc.join(timeout=10)
             if self._proc.is_alive():
                 self._proc.kill()
+                self._proc.join(timeout=10)
+            self._release_queues()
         self._raise_if_failed()
 
     # -- acknowledgements from the writer ------------------------------------------------------
     def _drain(self) -> None:
-        while True:
+        while self._acks is not None:  # (None: the writer has ended and its queues are closed)
             try:
                 self._take(self._acks.get_nowait())
             except queue.Empty:
@@ -300,7 +316,7 @@ class Tracker:
 
     def _wait_for(self, kind: str, timeout: float, token: int | None = None) -> None:
         deadline = time.monotonic() + timeout
-        while True:
+        while self._acks is not None:  # None: the writer ended after writing all it was given
             left = deadline - time.monotonic()
             if left <= 0:
                 uri = redact("uri", self.uri)
@@ -417,10 +433,15 @@ def _writer_main(
             try:
                 job = jobs.get(timeout=2.0)
             except queue.Empty:
-                if os.getppid() != parent:  # the driver was killed: what it queued is written
+                if os.getppid() != parent:  # the driver was killed
                     job = ("finish", "KILLED")
                 else:
                     continue
+        if job[0] != "finish" and os.getppid() != parent:
+            # The driver was killed: what it queued is not written. A resume redoes every
+            # generation whose records were not all confirmed, and writing them now would race
+            # with the resume's own writer (records made twice). The run is marked KILLED.
+            job = ("finish", "KILLED")
         kind = job[0]
         if kind == "flush":
             acks.put(("flushed", job[1], busy, time.process_time()))
@@ -437,6 +458,9 @@ def _writer_main(
             # here, which the driver would wait for).
             acks.close()
             acks.join_thread()
+            from multiprocessing import util
+
+            util._run_finalizers(0)  # what this process made (a semaphore of MLflow's) is released
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(0)
