@@ -68,12 +68,9 @@ class RunData:
     samples: str = ""  # the text world: samples of the final seed (artifact samples.txt)
 
 
-def load_run(run_id: str, tracking_uri: str | None, matrices: bool = True) -> RunData:
-    """A population run's per-generation metrics, config, lineage and disagreement matrices."""
-    import os
-
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    from forkpop.experiments.tracking import lineage_from_mlflow
+def population_run(run_id: str, tracking_uri: str | None) -> tuple[Any, Any]:
+    """An MLflow client of the store and the population run ``run_id`` in it; a run that is
+    not there, or not a population run, is one line (:class:`AnalysisError`)."""
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
@@ -86,6 +83,17 @@ def load_run(run_id: str, tracking_uri: str | None, matrices: bool = True) -> Ru
         ) from None
     if run.data.tags.get("forkpop.kind") != "population":
         raise AnalysisError(f"run {run_id} is not a forkpop population run (a variant's run? give its parent)")
+    return client, run
+
+
+def load_run(run_id: str, tracking_uri: str | None, matrices: bool = True) -> RunData:
+    """A population run's per-generation metrics, config, lineage and disagreement matrices."""
+    import os
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    from forkpop.experiments.tracking import lineage_from_mlflow
+
+    client, run = population_run(run_id, tracking_uri)
     metrics = {}
     for key in run.data.metrics:
         hist = client.get_metric_history(run_id, key)

@@ -366,19 +366,9 @@ def build(run_id: str, tracking_uri: str | None, mlflow_ui: str = "") -> str:
 
 def _build(run_id: str, tracking_uri: str | None, mlflow_ui: str = "") -> tuple[str, str]:
     """The page and the run's status."""
-    from forkpop.experiments.analysis import AnalysisError
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
+    from forkpop.experiments.analysis import population_run
 
-    client = MlflowClient(tracking_uri)
-    try:
-        run = client.get_run(run_id)
-    except MlflowException:
-        raise AnalysisError(
-            f"no MLflow run {run_id!r} in {tracking_uri or 'the default store'}; check the id and --tracking-uri"
-        ) from None
-    if run.data.tags.get("forkpop.kind") != "population":
-        raise AnalysisError(f"run {run_id} is not a forkpop population run (a variant's run? give its parent)")
+    client, _ = population_run(run_id, tracking_uri)
     data = explorer_data(client, run_id)
     return explorer_html(data, mlflow_ui), data["run"]["status"]
 
