@@ -113,7 +113,8 @@ def explorer_data(client: Any, run_id: str) -> dict[str, Any]:
 
     from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
-    repo = get_artifact_repository(run.info.artifact_uri)
+    # (the client's store, not MLflow's global one: mlflow-artifacts:/ URIs resolve through it)
+    repo = get_artifact_repository(run.info.artifact_uri, tracking_uri=client.tracking_uri)
     rows: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for table in _artifact_json(repo, "variants", tmp).values():

@@ -327,6 +327,10 @@ def test_a_run_spreads_over_both_nodes_and_its_whole_lineage_is_on_the_server(cl
             assert parents and all(p.origin == Origin.FORK and p.generation == v.generation - 1 for p in parents)
     path = client.download_artifacts(run_id, "lineage.json", str(cluster.root))
     assert lineage == Lineage.from_dict(json.loads(Path(path).read_text()))  # what the driver held
+    # the explorer, built by the writer through the server (mlflow-artifacts:/), one node per birth
+    page = Path(client.download_artifacts(run_id, "explorer.html", str(cluster.root))).read_text()
+    assert all(f'"{v.id}"' in page for v in lineage)
+    assert "explorer.html" in client.get_run(run_id).data.tags["mlflow.note.content"]
 
 
 def test_the_cluster_and_the_local_backend_give_the_same_run(cluster, cluster_run):
