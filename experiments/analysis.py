@@ -91,7 +91,7 @@ def load_run(run_id: str, tracking_uri: str | None, matrices: bool = True) -> Ru
     import os
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    from forkpop.experiments.tracking import lineage_from_mlflow
+    from forkpop.experiments.tracking import artifact_jsons, lineage_from_mlflow
 
     client, run = population_run(run_id, tracking_uri)
     metrics = {}
@@ -103,13 +103,9 @@ def load_run(run_id: str, tracking_uri: str | None, matrices: bool = True) -> Ru
     )
     if matrices:
         with tempfile.TemporaryDirectory() as tmp:
-            try:
-                local = client.download_artifacts(run_id, "diversity", tmp)
-            except Exception:
-                local = None
-            if local:
-                for f in sorted(Path(local).glob("gen-*.json")):
-                    out.matrices[int(f.stem.split("-")[1])] = json.loads(f.read_text())
+            for name, m in artifact_jsons(client, run, "diversity", tmp).items():
+                if name.startswith("gen-"):
+                    out.matrices[int(Path(name).stem.split("-")[1])] = m
             if run.data.tags.get("forkpop.world") == "text":
                 try:
                     out.samples = Path(client.download_artifacts(run_id, "samples.txt", tmp)).read_text()

@@ -78,18 +78,6 @@ def _num(v: Any, digits: int = 6) -> float | int | None:
     return int(f) if f.is_integer() and abs(f) < 2**53 else f
 
 
-def _artifact_json(repo: Any, folder: str, tmp: str) -> dict[str, Any]:
-    """Every ``folder/*.json`` artifact of a run (``repo``: its artifact repository), by file name."""
-    try:
-        files = [f.path for f in repo.list_artifacts(folder) if f.path.endswith(".json")]
-    except Exception:
-        return {}
-    if not files:
-        return {}
-    local = Path(repo.download_artifacts(folder, tmp))
-    return {Path(p).name: json.loads((local / Path(p).name).read_text()) for p in sorted(files)}
-
-
 def _quantized(matrix: list[list[float]]) -> str:
     """A disagreement matrix (values in [0, 1]) as base64 bytes, 0-255, row by row."""
     flat = bytearray()
@@ -102,7 +90,7 @@ def explorer_data(client: Any, run_id: str) -> dict[str, Any]:
     """What the page shows, read from the MLflow store: the run, every birth (from the
     ``variants/`` tables and the nested runs), the parent run's curves and the per-generation
     disagreement matrices."""
-    from forkpop.experiments.tracking import PARENT_TAG
+    from forkpop.experiments.tracking import PARENT_TAG, artifact_jsons, table_rows
 
     run = client.get_run(run_id)
     exp_id = run.info.experiment_id
@@ -111,19 +99,13 @@ def explorer_data(client: Any, run_id: str) -> dict[str, Any]:
     metrics = read.metrics(run_id) if read else _client_metrics(client, run_id, run.data.metrics)
     kids = read.children(run_id) if read else _client_children(client, exp_id, run_id)
 
-    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
-
-    # (the client's store, not MLflow's global one: mlflow-artifacts:/ URIs resolve through it)
-    repo = get_artifact_repository(run.info.artifact_uri, tracking_uri=client.tracking_uri)
     rows: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for table in _artifact_json(repo, "variants", tmp).values():
-            for r in table["data"]:
-                row = dict(zip(table["columns"], r, strict=True))
-                rows.setdefault(row["id"], {}).update({k: v for k, v in row.items() if v is not None})
+        for row in table_rows(artifact_jsons(client, run, "variants", tmp).values()):
+            rows.setdefault(row["id"], {}).update({k: v for k, v in row.items() if v is not None})
         matrices = {
-            int(name.split("-")[1].split(".")[0]): m
-            for name, m in _artifact_json(repo, "diversity", tmp).items()
+            int(Path(name).stem.split("-")[1]): m
+            for name, m in artifact_jsons(client, run, "diversity", tmp).items()
             if name.startswith("gen-")
         }
     run_ids: dict[str, str] = {}
@@ -152,7 +134,6 @@ def explorer_data(client: Any, run_id: str) -> dict[str, Any]:
             "experiment_id": exp_id,
             "status": run.info.status,
             "world": tags.get("forkpop.world", ""),
-            "tracking_uri": "",
         },
         **_columns(list(rows.values())),
         "metrics": {k: v for k, v in metrics.items() if not k.startswith("time_")},

@@ -322,7 +322,7 @@ class PopulationRun:
             wall_seconds=time.perf_counter() - t_start,
             generations=cfg.run.generations,
             mlflow_run_id=run_id,
-            mlflow_experiment_id=getattr(tracker, "experiment_id", ""),
+            mlflow_experiment_id=tracker.experiment_id,
             tracking_uri=self.tracking_uri,
             run_dir=str(self.run_dir.resolve()),
             seed_val_accuracy=last.seed_val_accuracy,

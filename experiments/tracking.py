@@ -273,7 +273,6 @@ class Tracker:
         for q in (self._jobs, self._acks):
             q.close()
             q.join_thread()
-        self._proc._args = ()  # the process object holds the queues too
         self._jobs = self._acks = None
 
     def finish(self, status: str = "FINISHED", timeout: float | None = None) -> None:
@@ -433,10 +432,9 @@ def _writer_main(
             try:
                 job = jobs.get(timeout=2.0)
             except queue.Empty:
-                if os.getppid() != parent:  # the driver was killed
-                    job = ("finish", "KILLED")
-                else:
+                if os.getppid() == parent:
                     continue
+                job = ("idle",)
         if job[0] != "finish" and os.getppid() != parent:
             # The driver was killed: what it queued is not written. A resume redoes every
             # generation whose records were not all confirmed, and writing them now would race
@@ -1109,31 +1107,46 @@ def _json_value(v: Any) -> Any:
     return v
 
 
-def _table_variants(client: Any, run_id: str) -> list[dict]:
-    """The births recorded in the run's ``variants/`` tables."""
+def artifact_jsons(client: Any, run: Any, folder: str, tmp: str) -> dict[str, Any]:
+    """Every ``folder/*.json`` artifact of ``run``, by file name ({} when there is none), in one
+    download. The artifact store is the client's (``mlflow-artifacts:/`` resolves through it)."""
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    repo = get_artifact_repository(run.info.artifact_uri, tracking_uri=client.tracking_uri)
+    try:
+        files = [f.path for f in repo.list_artifacts(folder) if f.path.endswith(".json")]
+    except Exception:
+        return {}
+    if not files:
+        return {}
+    local = Path(repo.download_artifacts(folder, tmp))
+    return {Path(p).name: json.loads((local / Path(p).name).read_text()) for p in sorted(files)}
+
+
+def table_rows(tables: Any) -> list[dict[str, Any]]:
+    """The rows of ``variants/`` tables (:func:`variants_table`) as dicts, in order."""
+    return [dict(zip(t["columns"], row, strict=True)) for t in tables for row in t["data"]]
+
+
+def _table_variants(client: Any, run: Any) -> list[dict]:
+    """The births recorded in ``run``'s ``variants/`` tables."""
     import tempfile
 
     out = []
-    try:
-        files = [f.path for f in client.list_artifacts(run_id, "variants") if f.path.endswith(".json")]
-    except Exception:
-        return out
     with tempfile.TemporaryDirectory() as tmp:
-        for path in sorted(files):
-            table = json.loads(Path(client.download_artifacts(run_id, path, tmp)).read_text())
-            for row in table["data"]:
-                r = dict(zip(table["columns"], row, strict=True))
-                genome = {k.removeprefix("gene."): float(v) for k, v in r.items() if k.startswith("gene.")}
-                out.append(
-                    Variant(
-                        id=r["id"],
-                        genome=Genome(genome),
-                        generation=int(r["generation"]),
-                        origin=Origin(r["origin"]),
-                        parents=tuple(p for p in (r.get("parents") or "").split(",") if p),
-                        niche=None if r.get("niche") in (None, "") else int(r["niche"]),
-                    ).to_dict()
-                )
+        tables = artifact_jsons(client, run, "variants", tmp).values()
+    for r in table_rows(tables):
+        genome = {k.removeprefix("gene."): float(v) for k, v in r.items() if k.startswith("gene.")}
+        out.append(
+            Variant(
+                id=r["id"],
+                genome=Genome(genome),
+                generation=int(r["generation"]),
+                origin=Origin(r["origin"]),
+                parents=tuple(p for p in (r.get("parents") or "").split(",") if p),
+                niche=None if r.get("niche") in (None, "") else int(r["niche"]),
+            ).to_dict()
+        )
     return out
 
 
@@ -1174,5 +1187,5 @@ def lineage_from_mlflow(run_id: str, tracking_uri: str | None = None) -> Lineage
             ).to_dict()
         )
     have = {r["id"] for r in records}
-    records += [r for r in _table_variants(client, run_id) if r["id"] not in have]
+    records += [r for r in _table_variants(client, parent) if r["id"] not in have]
     return Lineage.from_dict({"variants": records})
