@@ -31,6 +31,7 @@ into them, then one update per parameter (see :meth:`BatchedEngine._learn_part`)
 
 from __future__ import annotations
 
+import ctypes
 import math
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -48,6 +49,7 @@ EXPLODED = 100.0
 
 ENGINES = ("batched", "loop")
 DEVICES = ("auto", "cpu", "cuda")
+KERNELS = ("auto", "native", "torch")
 
 # A CPU group learns in parts of MIN_PART to MAX_PART variants, at least one per torch thread.
 # Fewer than MIN_PART and a step's fixed cost (some 35 small ops, ~0.4 ms on 2 EPYC cores)
@@ -120,6 +122,42 @@ def plan_engine(model: nn.Module, n_features: int, n_classes: int) -> EnginePlan
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         return EnginePlan("loop", f"torch.func cannot batch {type(model).__name__}: {msg}")
     return EnginePlan("vmap")
+
+
+_ACT_CODES = {nn.ReLU: 1, nn.Tanh: 2, nn.Sigmoid: 3, nn.LeakyReLU: 4}
+
+
+def native_layout(model: nn.Module) -> tuple | None:
+    """The model as the native kernel's arguments (dims, activation codes, leaky slope, biases)
+    as ctypes arrays, or None where it is not Linear layers with at most one activation
+    between two of them and the last layer's output the logits."""
+    chain = [m for m in (_linear_chain(model) or []) if not isinstance(m, nn.Identity)]
+    if not chain or not isinstance(chain[-1], nn.Linear):
+        return None
+    dims, acts, bias, slopes = [chain[0].in_features], [], [], set()
+    for i, m in enumerate(chain):
+        if isinstance(m, nn.Linear):
+            if m.in_features != dims[-1]:
+                return None
+            if i > 0 and isinstance(chain[i - 1], nn.Linear):
+                acts.append(0)
+            dims.append(m.out_features)
+            bias.append(int(m.bias is not None))
+        elif isinstance(chain[i - 1], nn.Linear):
+            acts.append(_ACT_CODES[type(m)])
+            if isinstance(m, nn.LeakyReLU):
+                slopes.add(float(m.negative_slope))
+        else:
+            return None  # two activations in a row
+    if len(slopes) > 1 or len(bias) > 16:
+        return None
+    i32 = ctypes.c_int32
+    return (
+        (i32 * len(dims))(*dims),
+        (i32 * max(1, len(acts)))(*acts),
+        slopes.pop() if slopes else 0.01,
+        (i32 * len(bias))(*bias),
+    )
 
 
 # -- stacked parameters: two implementations of one interface ----------------------------------
@@ -469,9 +507,12 @@ class BatchedEngine:
         streams: list[list[np.ndarray]],
         batch_size: int,
         device: torch.device | str = "cpu",
+        kernel: str = "auto",
     ):
         if plan.kind not in ("stacked", "vmap"):
             raise ValueError(f"the batched engine cannot train this model: {plan.reason}")
+        if kernel not in KERNELS:
+            raise ValueError(f"unknown run.kernel {kernel!r}; use one of {KERNELS}")
         self.template, self.plan, self.device = template, plan, torch.device(device)
         self.batch_size = batch_size
         dev = self.device
@@ -488,6 +529,30 @@ class BatchedEngine:
             table[r, len(b) :] = b[0]
         self.table = torch.from_numpy(table).to(dev)
         self.table_cnt = torch.from_numpy(self.sizes).to(dev)
+        self.native, self.kernel_reason = self._native(kernel)
+
+    def _native(self, kernel: str) -> tuple[tuple | None, str]:
+        """The native kernel and the model's layout for it, or None; and why not."""
+        if kernel == "torch":
+            return None, "run.kernel=torch"
+        why = ""
+        layout = native_layout(self.template) if self.plan.kind == "stacked" else None
+        if self.device.type != "cpu":
+            why = f"the native kernel is for CPUs (this group is on {self.device.type})"
+        elif layout is None:
+            why = "the native kernel takes Linear layers with one activation between them"
+        elif self.x_pool.dtype != torch.float32:
+            why = f"the native kernel takes float32 inputs, not {self.x_pool.dtype}"
+        if not why:
+            from forkpop.workers import native
+
+            lib, why = native.kernel()
+            if lib is not None:
+                self.x_pool = self.x_pool.contiguous()
+                return (lib, layout), ""
+        if kernel == "native":
+            raise ValueError(f"run.kernel=native: {why}; use run.kernel=auto or torch")
+        return None, why
 
     def train(
         self,
@@ -521,36 +586,19 @@ class BatchedEngine:
         y_pool = self.y_pool if labels is None else labels.to(self.device)
         order_t = torch.from_numpy(order)
         stacked = flats.index_select(0, order_t)  # index_select / index_copy_: far cheaper than [idx]
-        # Decided for the whole group, so that no variant's arithmetic depends on its part.
-        # Without clipping (which needs each whole gradient first) the stacked products add
-        # the gradients straight into the decayed momentum buffers: SGD in three passes.
-        fused = self.plan.kind == "stacked" and not bool((hyper[3] > 0).any())
-        decayed = bool((hyper[2] != 0).any())
 
-        # Dealt round-robin, each part stays sorted longest first and gets an even share of the steps.
-        n_parts = self._n_parts(n)
-        parts = [np.arange(j, n, n_parts) for j in range(n_parts)]
-        jobs = [
-            partial(
-                self._learn_part,
-                stacked.index_select(0, torch.from_numpy(m)),
-                steps_s[m],
-                nb_s[m],
-                off_s[m],
-                hyper[:, m],
-                y_pool,
-                fused,
-                decayed,
-            )
-            for m in parts
-        ]
         loss_np = np.full((t_max, n), np.nan, dtype=np.float32)
         hit_np = np.zeros((t_max, n), dtype=np.int32)
         final = torch.empty(n, flats.shape[1])
         death = np.full(n, -1, dtype=np.int64)
         dead_reason: dict[int, str] = {}
         val_hits = np.zeros(n, dtype=np.int64)
-        for m, part in zip(parts, _in_threads(jobs, torch.get_num_threads()), strict=True):
+        if self.native is not None:
+            part = self._learn_native(stacked, steps_s, nb_s, off_s, hyper, y_pool)
+            parts, results = [np.arange(n)], [part]
+        else:
+            parts, results = self._learn_torch(stacked, steps_s, nb_s, off_s, hyper, y_pool)
+        for m, part in zip(parts, results, strict=True):
             loss_np[: len(part.loss), m] = part.loss
             hit_np[: len(part.hits), m] = part.hits
             final.index_copy_(0, torch.from_numpy(m), part.final)
@@ -583,6 +631,103 @@ class BatchedEngine:
         out = torch.empty_like(final)
         out.index_copy_(0, order_t, final)
         return out, records
+
+    def _learn_torch(
+        self,
+        stacked: torch.Tensor,
+        steps_s: np.ndarray,
+        nb_s: np.ndarray,
+        off_s: np.ndarray,
+        hyper: np.ndarray,
+        y_pool: torch.Tensor,
+    ) -> tuple[list[np.ndarray], list[_Part]]:
+        """The torch path: the sorted group dealt into parts (see :meth:`_n_parts`), each
+        learning as stacked steps on its own thread; the parts' positions and what they learned."""
+        n = stacked.shape[0]
+        # Decided for the whole group, so that no variant's arithmetic depends on its part.
+        # Without clipping (which needs each whole gradient first) the stacked products add
+        # the gradients straight into the decayed momentum buffers: SGD in three passes.
+        fused = self.plan.kind == "stacked" and not bool((hyper[3] > 0).any())
+        decayed = bool((hyper[2] != 0).any())
+        # Dealt round-robin, each part stays sorted longest first and gets an even share of the steps.
+        n_parts = self._n_parts(n)
+        parts = [np.arange(j, n, n_parts) for j in range(n_parts)]
+        jobs = [
+            partial(
+                self._learn_part,
+                stacked.index_select(0, torch.from_numpy(m)),
+                steps_s[m],
+                nb_s[m],
+                off_s[m],
+                hyper[:, m],
+                y_pool,
+                fused,
+                decayed,
+            )
+            for m in parts
+        ]
+        return parts, _in_threads(jobs, torch.get_num_threads())
+
+    def _learn_native(
+        self,
+        stacked: torch.Tensor,
+        steps_s: np.ndarray,
+        nb_s: np.ndarray,
+        off_s: np.ndarray,
+        hyper: np.ndarray,
+        y_pool: torch.Tensor,
+    ) -> _Part:
+        """The native kernel's path (:mod:`workers.native`): each variant's whole lifetime in
+        one C call, on one Python thread per torch thread (ctypes lets go of the GIL)."""
+        lib, layout = self.native
+        n, t_max = stacked.shape[0], int(steps_s[0])
+        final = stacked.to(torch.float32).contiguous().clone()  # each row learns in place
+        loss = np.full((n, t_max), np.nan, dtype=np.float32)
+        hits = np.zeros((n, t_max), dtype=np.int32)
+        death = np.full(n, -1, dtype=np.int64)
+        y = y_pool.to(torch.int64).contiguous()
+        dims, acts, slope, bias = layout
+        f32, i32, i64 = (ctypes.POINTER(t) for t in (ctypes.c_float, ctypes.c_int32, ctypes.c_int64))
+        row_bytes = final.shape[1] * 4
+        base = final.data_ptr()
+        x_p = ctypes.cast(self.x_pool.data_ptr(), f32)
+        y_p = ctypes.cast(y.data_ptr(), i64)
+        table_p = ctypes.cast(self.table.data_ptr(), i64)
+        cnt_p = ctypes.cast(self.table_cnt.data_ptr(), i64)
+
+        def one(i: int) -> None:
+            lr, mom, wd, clip = (float(v) for v in hyper[:, i])
+            death[i] = lib.fp_train_variant(
+                len(dims) - 1, dims, acts, slope, bias,
+                ctypes.cast(base + i * row_bytes, f32), x_p, y_p, table_p, cnt_p, self.batch_size,
+                int(off_s[i]), int(nb_s[i]), int(steps_s[i]),
+                lr, mom, wd, clip, EXPLODED,
+                loss[i].ctypes.data_as(f32), hits[i].ctypes.data_as(i32),
+            )  # fmt: skip
+
+        threads = max(1, torch.get_num_threads())
+        if threads == 1 or n == 1:
+            for i in range(n):
+                one(i)
+        else:
+            with ThreadPoolExecutor(min(threads, n), thread_name_prefix="forkpop-native") as pool:
+                list(pool.map(one, range(n)))
+        if (death == -2).any():
+            raise MemoryError("the native kernel could not allocate a variant's buffers")
+        reasons: dict[int, str] = {}
+        for i in np.nonzero(death >= 0)[0].tolist():
+            t, lv = int(death[i]), float(loss[i, death[i]])
+            first = max(float(loss[i, 0]), 1e-3)
+            reasons[i] = (
+                f"non-finite loss at step {t}"
+                if not math.isfinite(lv)
+                else f"loss exploded to {lv:.3g} at step {t} (first {first:.3g})"
+            )
+            loss[i, t:] = np.nan
+            hits[i, t:] = 0
+        with torch.no_grad():
+            val_hits = (_LinearStack(self.template, final).logits(self.x_val).argmax(-1) == self.y_val).sum(1).numpy()
+        return _Part(final, loss.T.copy(), hits.T.copy(), death, reasons, val_hits)
 
     def _n_parts(self, n: int) -> int:
         """How many parts a group of ``n`` learns in: for a ``stacked`` model on a CPU at
