@@ -69,6 +69,12 @@ class RunConfig(_Strict):
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="Where learners compute: auto takes a GPU when Ray (or this process) has one."
     )
+    kernel: Literal["auto", "native", "torch"] = Field(
+        "auto",
+        description="How the batched engine computes on a CPU: native is forkpop's C kernel (built once with the "
+        "machine's C compiler) for Linear/activation chains, torch its stacked torch ops; auto takes native "
+        "where it applies and runs, torch elsewhere.",
+    )
     run_dir: str = Field("runs", description="Root folder of run directories (checkpoints, config).")
 
     @field_validator("name")

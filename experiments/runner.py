@@ -235,6 +235,7 @@ class PopulationRun:
                     "forkpop.ray_nodes": ",".join(sorted({w["node"] for w in workers})),
                     "forkpop.engine": ",".join(sorted({w["engine"] for w in workers})),
                     "forkpop.device": ",".join(sorted({w["device"] for w in workers})),
+                    "forkpop.kernel": ",".join(sorted({w.get("kernel", "torch") for w in workers})),
                 }
             )
             fallback = next((w["reason"] for w in workers if w["engine"] == "loop"), None)

@@ -59,6 +59,7 @@ def learner_spec(cfg: ExperimentConfig, plan: SplitPlan | None = None) -> Learne
         plan,
         engine=run.engine,
         device=run.device,
+        kernel=run.kernel,
         audit=AuditSpec(**cfg.data.audit.model_dump()),
     )
 

@@ -186,6 +186,7 @@ class LearnerSpec:
     plan: SplitPlan | None = field(default=None, compare=False)
     engine: str = "batched"
     device: str = "auto"
+    kernel: str = "auto"
     audit: AuditSpec = AuditSpec()
 
 
@@ -260,14 +261,19 @@ class GroupLearner:
                 self.streams,
                 spec.batch_size,
                 resolve_device(spec.device),
+                spec.kernel,
             )
 
     def describe(self) -> dict:
-        """How this group computes: device, engine (``stacked``, ``vmap``, ``loop``) and why."""
+        """How this group computes: device, engine (``stacked``, ``vmap``, ``loop``) and why,
+        and the batched engine's kernel (``native`` or ``torch``) and why not native."""
+        native = self.engine is not None and self.engine.native is not None
         return {
             "device": str(self.engine.device) if self.engine else "cpu",
             "engine": self.plan.kind,
             "reason": self.plan.reason,
+            "kernel": "native" if native else "torch",
+            "kernel_reason": self.engine.kernel_reason if self.engine is not None else "",
         }
 
     def learn(self, seed_weights: torch.Tensor, tasks: list[ForkTask]) -> tuple[torch.Tensor, list[LearnResult]]:

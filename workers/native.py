@@ -79,6 +79,7 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     f = lib.fp_train_variant
     i32p, i64p, f32p = (ctypes.POINTER(t) for t in (ctypes.c_int32, ctypes.c_int64, ctypes.c_float))
     f.restype = ctypes.c_int64
+    # fmt: off
     f.argtypes = [
         ctypes.c_int, i32p, i32p, ctypes.c_float, i32p,  # L, dims, acts, slope, has_bias
         f32p, f32p, i64p, i64p, i64p, ctypes.c_int32,  # flat, x_pool, y_pool, table, cnt, bsz
@@ -86,6 +87,7 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
         ctypes.c_float, ctypes.c_float, ctypes.c_float, ctypes.c_float, ctypes.c_float,  # lr, mom, wd, clip, exploded
         f32p, i32p,  # loss_out, hit_out
     ]
+    # fmt: on
     return lib, ""
 
 
