@@ -71,7 +71,7 @@ class RunConfig(_Strict):
     )
     kernel: Literal["auto", "native", "torch"] = Field(
         "auto",
-        description="How the batched engine computes on a CPU: native is forkpop's C kernel (built once with the "
+        description="How the batched engine and the distiller compute on a CPU: native is forkpop's C kernel (built once with the "
         "machine's C compiler) for Linear/activation chains, torch its stacked torch ops; auto takes native "
         "where it applies and runs, torch elsewhere.",
     )
@@ -184,6 +184,15 @@ class DataConfig(_Strict):
     audit: AuditConfig = Field(default_factory=AuditConfig, description="Label audit of the niches against the seed.")
 
 
+# The built-in plug-ins' names, known without importing the modules that register them
+# (torch's import, seconds, would come before MLflow's process starts); a test checks they agree.
+BUILTIN_FAMILIES = ("mlp", "linear", "cnn")
+BUILTIN_PLUGINS = {
+    "strategies": ("best", "tournament", "nsga2", "niche", "random"),
+    "distillers": ("kd",),
+}
+
+
 class ModelConfig(_Strict):
     family: str = Field(
         "mlp",
@@ -198,6 +207,8 @@ class ModelConfig(_Strict):
     @field_validator("family")
     @classmethod
     def _known_family(cls, v: str) -> str:
+        if v in BUILTIN_FAMILIES:  # known without torch's import (seconds, before MLflow's process starts)
+            return v
         from forkpop.population import models  # noqa: F401 - registers the built-in families
 
         from forkpop import plugins
@@ -320,6 +331,8 @@ class GeneratedConfig(_Strict):
 
 def _plugin(kind: str, name: str, builtins: str) -> str:
     """``name`` if it resolves to a plug-in of ``kind`` (``builtins`` registers the built-in ones)."""
+    if name in BUILTIN_PLUGINS.get(kind, ()):
+        return name
     import importlib
 
     from forkpop.plugins import PluginError, resolve

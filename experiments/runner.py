@@ -467,6 +467,7 @@ def build_distiller(cfg: ExperimentConfig) -> Distiller:
         species_mix=d.species_mix,
         own_niche=d.own_niche,
         **({"hard": d.hard} if accepts(cls, "hard", through_kwargs=False) else {}),
+        **({"kernel": cfg.run.kernel} if accepts(cls, "kernel", through_kwargs=False) else {}),
         inherit=cfg.selection.inherit,
         generated=GeneratedSpec(**d.generated.model_dump()),
     )

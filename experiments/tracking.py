@@ -415,9 +415,15 @@ def _writer_main(
     # MLflow's import (seconds) starts at once, in parallel with the driver's own start-up; the
     # store itself is opened (made, for a new SQLite file) only by the first job: a run that
     # fails on its input before it starts recording leaves no store behind.
+    profile = bool(os.environ.get("FORKPOP_TRACKING_PROFILE"))
+    t_import = time.perf_counter()
     import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
     from mlflow import MlflowClient  # noqa: F401
 
+    if profile:
+        print(
+            f"[tracking] import {time.perf_counter() - t_import:.4f}s at {time.time():.2f}", file=sys.stderr, flush=True
+        )
     opened = False
     w = _Writer(uri, experiment, Path(artifact_root) if artifact_root else None)
     retry = _Retry(redact("uri", uri), patience_s if remote else None)
@@ -465,8 +471,15 @@ def _writer_main(
         if error is not None:
             continue  # the first failure is reported; later writes are skipped
         if not opened:
+            t_seed = time.perf_counter()
             seed_sqlite_store(uri)
             opened = True
+            if profile:
+                print(
+                    f"[tracking] seed {time.perf_counter() - t_seed:.4f}s at {time.time():.2f}",
+                    file=sys.stderr,
+                    flush=True,
+                )
         t0 = time.perf_counter()
         ts = _now_ms()  # one timestamp per record, kept when it is retried
         args = job[1:]
@@ -494,7 +507,7 @@ def _writer_main(
         except Exception as e:
             error = _report_failure(acks, e)
         busy += time.perf_counter() - t0
-        if os.environ.get("FORKPOP_TRACKING_PROFILE"):
+        if profile:
             print(
                 f"[tracking] {kind} {time.perf_counter() - t0:.4f}s at {time.time():.2f}", file=sys.stderr, flush=True
             )

@@ -147,8 +147,17 @@ def class_rates(pred: np.ndarray, y: np.ndarray, n_classes: int) -> tuple[np.nda
 
 
 def load_flat_weights(model: nn.Module, flat: torch.Tensor) -> nn.Module:
-    """Copy a vector from :func:`flat_weights` into ``model`` in place."""
-    torch.nn.utils.vector_to_parameters(flat.to(next(model.parameters()).dtype), model.parameters())
+    """Copy a vector from :func:`flat_weights` into ``model`` in place (copied: the model's
+    parameters never share memory with ``flat``, which its training would otherwise change)."""
+    params = list(model.parameters())
+    total = sum(p.numel() for p in params)
+    if flat.numel() != total:
+        raise ValueError(f"weights have {flat.numel()} values but the model has {total}")
+    with torch.no_grad():
+        off = 0
+        for p in params:
+            p.copy_(flat[off : off + p.numel()].view_as(p))
+            off += p.numel()
     return model
 
 
@@ -182,3 +191,21 @@ def predict_many(
             out = model(x)
         probs.append(torch.softmax(out, -1))
     return (torch.stack(probs) if probs else torch.empty(0, len(x), 0)), hid
+
+
+_ACTIVATIONS = (nn.ReLU, nn.Tanh, nn.Sigmoid, nn.LeakyReLU, nn.Identity)
+
+
+def linear_chain(model: nn.Module) -> list[nn.Module] | None:
+    """The model as a list of Linear / activation layers, or None if it is not such a chain."""
+    layers = list(model) if isinstance(model, nn.Sequential) else [model]
+    out: list[nn.Module] = []
+    for m in layers:
+        if isinstance(m, nn.Flatten) and m.start_dim == 1 and m.end_dim == -1 and not out:
+            continue  # the engine's inputs are already flat feature vectors
+        if isinstance(m, nn.Dropout) and m.p == 0:
+            continue
+        if not isinstance(m, (nn.Linear, *_ACTIVATIONS)) or (not out and not isinstance(m, nn.Linear)):
+            return None
+        out.append(m)
+    return out or None

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+from forkpop.population import native
 from forkpop.population.models import accuracy, flat_weights, load_flat_weights
 from forkpop.population.optim import AdamState, adam_step
 from forkpop.selection.aggregate import AGGREGATORS, class_precision
@@ -96,6 +97,7 @@ def distill(
     eval_every: int = 0,
     extra: tuple[torch.Tensor, torch.Tensor] | None = None,
     target: torch.Tensor | None = None,
+    kernel: str = "auto",
 ) -> tuple[torch.Tensor, list[float]]:
     """Train a student from ``init`` on the teachers' aggregated soft targets.
 
@@ -106,13 +108,25 @@ def distill(
     with ``eval_every > 0`` the student is scored on it at the start and every ``eval_every``
     steps: the best-scoring weights are returned (ties go to the later, more distilled one).
     ``extra`` (inputs, soft targets at ``temperature``) joins the transfer set with its
-    targets as given: pseudo-labelled data from earlier generations.
+    targets as given: pseudo-labelled data from earlier generations. ``kernel``: ``auto``
+    takes the native kernel (:mod:`forkpop.population.native`) where it runs and takes the
+    model, ``torch`` never: the same batches, loss and Adam steps, to float rounding.
     """
     if target is None:
         target = teacher_targets(model, teachers, fitnesses, transfer_x, temperature, aggregate, probe)
     if extra is not None:  # inputs whose soft targets are fixed already (earlier generations' labels)
         transfer_x = torch.cat([transfer_x, extra[0]])
         target = torch.cat([target, extra[1].to(target.dtype)])
+    state = generator.get_state()
+    if kernel != "torch":
+        n, bs = len(transfer_x), min(batch_size, len(transfer_x))
+        # the same draws as the loops below take, one batch per step
+        idx = torch.stack([torch.randint(n, (bs,), generator=generator) for _ in range(steps)]) if steps else None
+        if idx is not None:
+            got = native.distill(model, init, transfer_x, target, idx, temperature, lr, probe, eval_every)
+            if got is not None:
+                return got
+            generator.set_state(state)  # not taken: the loops draw the same batches again
     shapes = _relu_mlp_shapes(model)
     if shapes is not None and transfer_x.dtype == target.dtype == init.dtype == torch.float32:
         return _distill_relu_mlp(

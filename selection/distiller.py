@@ -78,13 +78,14 @@ class Distiller:
         own_niche: float = 0.0,
         inherit: str = "crossover",
         generated: GeneratedSpec = GeneratedSpec(),
+        kernel: str = "auto",
     ):
         self.spec = genome_spec
         self.init, self.transfer, self.temperature = init, transfer, temperature
         self.steps, self.lr, self.batch_size = steps, lr, batch_size
         self.aggregate, self.eval_every, self.screen = aggregate, eval_every, screen
         self.species_mix, self.inherit, self.generated = species_mix, inherit, generated
-        self.own_niche = own_niche
+        self.own_niche, self.kernel = own_niche, kernel
 
     def __call__(
         self,
@@ -152,6 +153,7 @@ class Distiller:
             eval_every=self.eval_every,
             extra=extra,
             target=target,
+            kernel=self.kernel,
         )
         val = world.fitness(model, weights)
         genome = inherit_genome(self.spec, [variants[i].genome for i in members], tf[:k], self.inherit, seed_of(rng))

@@ -215,3 +215,19 @@ def test_an_unauthenticated_remote_ray_is_refused_unless_asked(monkeypatch):
         check_address("10.0.0.5:6379")
     monkeypatch.setenv("RAY_AUTH_TOKEN", "s3cret-token-value")
     check_address("10.0.0.5:6379")
+
+
+def test_loading_a_config_does_not_import_torch_and_knows_the_built_in_families():
+    # The MLflow writer starts after the config has loaded: torch's import (seconds) must not come first.
+    code = (
+        "import sys; from forkpop.experiments.config import load_config, BUILTIN_FAMILIES;"
+        "load_config('experiments/configs/digits.yaml'); assert 'torch' not in sys.modules, 'torch imported';"
+        "from forkpop.population.models import MODEL_FAMILIES;"
+        "assert set(BUILTIN_FAMILIES) <= set(MODEL_FAMILIES), (BUILTIN_FAMILIES, sorted(MODEL_FAMILIES));"
+        "from forkpop.experiments.config import BUILTIN_PLUGINS; from forkpop import plugins;"
+        "import forkpop.selection.strategies, forkpop.selection.distiller;"
+        "missing = [(k, n) for k, ns in BUILTIN_PLUGINS.items() for n in ns if not plugins.known(k, n)];"
+        "assert not missing, missing"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    assert out.returncode == 0, out.stderr[-2000:]

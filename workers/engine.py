@@ -42,6 +42,8 @@ from typing import TypeVar
 import numpy as np
 import torch
 import torch.nn.functional as F
+from forkpop.population.models import linear_chain
+from forkpop.population.native import native_layout
 from torch import nn
 
 # A loss this many times its first value means the variant has diverged, NaN or not.
@@ -84,27 +86,9 @@ class EnginePlan:
     reason: str = ""
 
 
-_ACTIVATIONS = (nn.ReLU, nn.Tanh, nn.Sigmoid, nn.LeakyReLU, nn.Identity)
-
-
-def _linear_chain(model: nn.Module) -> list[nn.Module] | None:
-    """The model as a list of Linear / activation layers, or None if it is not such a chain."""
-    layers = list(model) if isinstance(model, nn.Sequential) else [model]
-    out: list[nn.Module] = []
-    for m in layers:
-        if isinstance(m, nn.Flatten) and m.start_dim == 1 and m.end_dim == -1 and not out:
-            continue  # the engine's inputs are already flat feature vectors
-        if isinstance(m, nn.Dropout) and m.p == 0:
-            continue
-        if not isinstance(m, (nn.Linear, *_ACTIVATIONS)) or (not out and not isinstance(m, nn.Linear)):
-            return None
-        out.append(m)
-    return out or None
-
-
 def plan_engine(model: nn.Module, n_features: int, n_classes: int) -> EnginePlan:
     """Decide how ``model`` batches; probes the ``vmap`` path on a tiny group."""
-    if _linear_chain(model) is not None:
+    if linear_chain(model) is not None:
         return EnginePlan("stacked")
     bufs = [n for n, _ in model.named_buffers()]
     if bufs:
@@ -122,42 +106,6 @@ def plan_engine(model: nn.Module, n_features: int, n_classes: int) -> EnginePlan
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         return EnginePlan("loop", f"torch.func cannot batch {type(model).__name__}: {msg}")
     return EnginePlan("vmap")
-
-
-_ACT_CODES = {nn.ReLU: 1, nn.Tanh: 2, nn.Sigmoid: 3, nn.LeakyReLU: 4}
-
-
-def native_layout(model: nn.Module) -> tuple | None:
-    """The model as the native kernel's arguments (dims, activation codes, leaky slope, biases)
-    as ctypes arrays, or None where it is not Linear layers with at most one activation
-    between two of them and the last layer's output the logits."""
-    chain = [m for m in (_linear_chain(model) or []) if not isinstance(m, nn.Identity)]
-    if not chain or not isinstance(chain[-1], nn.Linear):
-        return None
-    dims, acts, bias, slopes = [chain[0].in_features], [], [], set()
-    for i, m in enumerate(chain):
-        if isinstance(m, nn.Linear):
-            if m.in_features != dims[-1]:
-                return None
-            if i > 0 and isinstance(chain[i - 1], nn.Linear):
-                acts.append(0)
-            dims.append(m.out_features)
-            bias.append(int(m.bias is not None))
-        elif isinstance(chain[i - 1], nn.Linear):
-            acts.append(_ACT_CODES[type(m)])
-            if isinstance(m, nn.LeakyReLU):
-                slopes.add(float(m.negative_slope))
-        else:
-            return None  # two activations in a row
-    if len(slopes) > 1 or len(bias) > 16:
-        return None
-    i32 = ctypes.c_int32
-    return (
-        (i32 * len(dims))(*dims),
-        (i32 * max(1, len(acts)))(*acts),
-        slopes.pop() if slopes else 0.01,
-        (i32 * len(bias))(*bias),
-    )
 
 
 # -- stacked parameters: two implementations of one interface ----------------------------------
@@ -226,7 +174,7 @@ class _LinearStack:
     ``k`` (about 3 us each here: a few dozen a step add up)."""
 
     def __init__(self, template: nn.Module, flats: torch.Tensor):
-        chain = _linear_chain(template)
+        chain = linear_chain(template)
         assert chain is not None
         n = flats.shape[0]
         self.params: list[torch.Tensor] = []
@@ -544,7 +492,7 @@ class BatchedEngine:
         elif self.x_pool.dtype != torch.float32:
             why = f"the native kernel takes float32 inputs, not {self.x_pool.dtype}"
         if not why:
-            from forkpop.workers import native
+            from forkpop.population import native
 
             lib, why = native.kernel()
             if lib is not None:
