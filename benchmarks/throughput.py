@@ -9,6 +9,9 @@ rate, momentum and weight decay), mini-batches of 32, for about ``--steps`` step
   ``engine=loop`` / ``engine=batched``) as a worker runs it: fork noise, each variant on its
   own niche stream (short last batches included), prequential metrics, divergence checks,
   validation accuracy at the end.
+- ``batched`` runs with each of its CPU kernels (``kernel`` in the row): ``native``,
+  forkpop's C kernel (a variant's whole lifetime in one call, one Python thread per torch
+  thread; the default wherever it builds) and ``torch``, the stacked torch ops.
 - ``bmm`` is the reference: the same network and optimizer written by hand as batched matrix
   products (transposed layout, backward written out), on full batches, with no metrics.
 
@@ -52,7 +55,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from forkpop.population import build_model, flat_weights  # noqa: E402
+from forkpop.population import build_model, flat_weights, native  # noqa: E402
 from forkpop.workers import DataSpec, ForkTask, GroupLearner, LearnerSpec, ModelSpec, load_data  # noqa: E402
 from forkpop.workers.engine import resolve_device  # noqa: E402
 
@@ -126,6 +129,11 @@ def bench_gemm(threads: int, repeats: int, device: torch.device) -> list[dict]:
     return [*rows, {**peak, "engine": "gemm_peak"}]
 
 
+def _label(row: dict) -> str:
+    """``batched (native)`` / ``batched (torch)`` for the engine's rows, else the engine."""
+    return f"{row['engine']} ({row['kernel']})" if row.get("kernel") else row["engine"]
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -140,7 +148,7 @@ def _tasks(n: int, epochs: int) -> list[ForkTask]:
     return out
 
 
-def bench_learner(engine: str, n: int, steps: int, repeats: int, device: str) -> dict:
+def bench_learner(engine: str, n: int, steps: int, repeats: int, device: str, kernel: str = "auto") -> dict:
     spec = LearnerSpec(
         DataSpec(partition="iid", n_niches=N_NICHES),
         ModelSpec("mlp", HIDDEN),
@@ -148,6 +156,7 @@ def bench_learner(engine: str, n: int, steps: int, repeats: int, device: str) ->
         torch.get_num_threads(),  # the learner sets its threads: keep the benchmark's
         engine=engine,
         device=device,
+        kernel=kernel,
     )
     learner = GroupLearner(spec)
     d = learner.data
@@ -168,6 +177,7 @@ def bench_learner(engine: str, n: int, steps: int, repeats: int, device: str) ->
         assert all(r.status == "ok" for r in res), [r.reason for r in res if r.reason]
     return {
         "engine": engine,
+        "kernel": learner.describe()["kernel"] if engine == "batched" else "",
         "n_variants": n,
         "device": dev.type,
         "threads": torch.get_num_threads(),
@@ -264,12 +274,16 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{head} {row['kind']:>13}: {gflops:7.1f} GFLOP/s")
             return
         print(
-            f"threads={row['threads']} {row['engine']:>9} {row['device']:>5} N={row['n_variants']:>6}  "
+            f"threads={row['threads']} {_label(row):>16} {row['device']:>5} N={row['n_variants']:>6}  "
             f"{row['samples_per_s'] / 1e6:8.3f} M samples/s  {gflops:6.1f} GFLOP/s  "
             f"{row['ratio_to_peak']:.2f} of peak  ({row['seconds']:.3f} s)",
             flush=True,
         )
 
+    # the batched engine's CPU kernels: native (forkpop's C kernel, the default where it builds) and torch
+    lib, why = native.kernel()
+    kernels = ("native", "torch") if lib is not None else ("torch",)
+    print(f"native kernel: {'built' if lib is not None else why}")
     for th in threads:
         torch.set_num_threads(th)
         gemm = bench_gemm(th, max(args.repeats, 3), cpu)
@@ -283,13 +297,14 @@ def main(argv: list[str] | None = None) -> int:
             for _ in range(args.repeats):
                 for row in (
                     bench_learner("loop", n, args.steps, 1, "cpu"),
-                    bench_learner("batched", n, args.steps, 1, "cpu"),
+                    *(bench_learner("batched", n, args.steps, 1, "cpu", k) for k in kernels),
                     bench_bmm(n, args.steps, 1, cpu),
                 ):
-                    if row["engine"] not in best or row["samples_per_s"] > best[row["engine"]]["samples_per_s"]:
-                        best[row["engine"]] = row
-            for engine in ("loop", "batched", "bmm"):
-                add(best[engine])
+                    label = _label(row)
+                    if label not in best or row["samples_per_s"] > best[label]["samples_per_s"]:
+                        best[label] = row
+            for row in best.values():
+                add(row)
     if device.type == "cuda":
         th = threads[-1]
         torch.set_num_threads(th)
@@ -306,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
         "\n| engine | threads | device | N | M samples/s | GFLOP/s | / gemm_peak | batched / loop | batched / bmm |"
         "\n|---|---|---|---|---|---|---|---|---|"
     )
-    by = {(r["engine"], r["threads"], r["device"], r["n_variants"]): r["samples_per_s"] for r in rows}
+    by = {(_label(r), r["threads"], r["device"], r["n_variants"]): r["samples_per_s"] for r in rows}
     for r in rows:
         gflops, ratio = f"{r['flops_per_s'] / 1e9:.1f}", f"{r['ratio_to_peak']:.2f}"
         if r["engine"].startswith("gemm"):
@@ -321,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
             if ("bmm", *key) in by:
                 ratio_bmm = f"{r['samples_per_s'] / by[('bmm', *key)]:.2f}x"
         print(
-            f"| {r['engine']} | {r['threads']} | {r['device']} | {r['n_variants']} | {r['samples_per_s'] / 1e6:.3f} "
+            f"| {_label(r)} | {r['threads']} | {r['device']} | {r['n_variants']} | {r['samples_per_s'] / 1e6:.3f} "
             f"| {gflops} | {ratio} | {ratio_loop} | {ratio_bmm} |"
         )
     if args.json:

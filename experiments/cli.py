@@ -89,7 +89,7 @@ def _launch(args: argparse.Namespace, cfg, resume_dir: Path | None = None) -> in
         if (run.run_dir / "run.json").is_file():
             return _fail(f"{e}; once it answers, `forkpop resume {run.run_dir}` continues the run")
         return _fail(f"{e}; nothing was recorded yet: run again once it answers")
-    except (DataError, CheckpointError, TrackingError, ClusterError, PluginError) as e:
+    except (DataError, CheckpointError, TrackingError, ClusterError, PluginError, ConfigError) as e:
         return _fail(str(e))
     except KeyboardInterrupt:
         if resume_dir is not None:

@@ -71,9 +71,9 @@ class RunConfig(_Strict):
     )
     kernel: Literal["auto", "native", "torch"] = Field(
         "auto",
-        description="How the batched engine and the distiller compute on a CPU: native is forkpop's C kernel (built once with the "
-        "machine's C compiler) for Linear/activation chains, torch its stacked torch ops; auto takes native "
-        "where it applies and runs, torch elsewhere.",
+        description="How the batched engine and the distiller compute on a CPU: native is forkpop's C kernel "
+        "(built once with the machine's C compiler) for Linear/activation chains, torch the torch ops; auto "
+        "takes native where it applies and builds, torch elsewhere.",
     )
     run_dir: str = Field("runs", description="Root folder of run directories (checkpoints, config).")
 

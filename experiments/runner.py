@@ -18,7 +18,7 @@ import yaml
 from forkpop.experiments import core
 from forkpop.experiments.checkpoint import CheckpointError, read_checkpoint, read_seconds, state_from_checkpoint
 from forkpop.experiments.closing import closing_table
-from forkpop.experiments.config import ExperimentConfig, config_to_yaml, contained
+from forkpop.experiments.config import ConfigError, ExperimentConfig, config_to_yaml, contained
 from forkpop.experiments.observers import (
     BackdoorProbe,
     Checkpoints,
@@ -125,7 +125,25 @@ class PopulationRun:
                 check_address(address, self.allow_unauthenticated_ray)
         self.world = resolve("worlds", self.cfg.data.world, "data.world")(self.cfg)
         self.data = getattr(self.world, "data", None)  # the classification world's data bundle
-        self.world.build_model()  # a model factory that refuses its options fails here, before anything starts
+        model = self.world.build_model()  # a model factory that refuses its options fails here, before anything starts
+        if self.cfg.run.kernel == "native":
+            self._check_native(model)
+
+    def _check_native(self, model: Any) -> None:
+        """``run.kernel=native`` that cannot hold (on this machine, or for this run): one line."""
+        from forkpop.population import native
+
+        why = ""
+        if self.cfg.data.world != "classification" or self.cfg.run.engine != "batched":
+            why = "it is the classification world's batched engine's kernel"
+        elif self.cfg.run.device == "cuda":
+            why = "it is a CPU kernel and run.device=cuda"
+        elif not isinstance(model, torch.nn.Module) or native.native_layout(model) is None:
+            why = f"it takes Linear layers with one activation between them, not model.family={self.cfg.model.family}"
+        else:
+            why = native.kernel()[1]
+        if why:
+            raise ConfigError(f"run.kernel=native: {why}; use run.kernel=auto or torch")
 
     def learner_spec(self) -> Any:
         return self.world.learner_spec()

@@ -36,8 +36,10 @@ def torch_threads():
     torch.set_num_threads(threads)
 
 
-def _learn(family, hidden, engine, tasks=TASKS, threads=1):
-    spec = LearnerSpec(DATA, ModelSpec(family, hidden), batch_size=16, torch_threads=threads, engine=engine)
+def _learn(family, hidden, engine, tasks=TASKS, threads=1, kernel="auto"):
+    spec = LearnerSpec(
+        DATA, ModelSpec(family, hidden), batch_size=16, torch_threads=threads, engine=engine, kernel=kernel
+    )
     learner = GroupLearner(spec)
     d = learner.data
     w0 = flat_weights(build_model(family, d.n_features, d.n_classes, hidden, seed=3))
@@ -61,32 +63,40 @@ def _assert_same(loop, batched, atol=2e-5):
             assert a.reason.split(" at step ")[1].split()[0] == b.reason.split(" at step ")[1].split()[0]
 
 
+# The batched engine's two CPU kernels: forkpop's C kernel and the stacked torch ops.
+KERNELS = pytest.mark.parametrize("kernel", ["native", "torch"])
+
+
+@KERNELS
 @pytest.mark.parametrize(
     "family,hidden,kind", [("mlp", (32,), "stacked"), ("mlp", (24, 16), "stacked"), ("linear", (), "stacked")]
 )
-def test_batched_engine_equals_the_loop(family, hidden, kind):
-    learner, *batched = _learn(family, hidden, "batched")
-    assert learner.plan.kind == kind
+def test_batched_engine_equals_the_loop(family, hidden, kind, kernel):
+    learner, *batched = _learn(family, hidden, "batched", kernel=kernel)
+    assert learner.plan.kind == kind and learner.describe()["kernel"] == kernel
     _, *loop = _learn(family, hidden, "loop")
     _assert_same(loop, batched)
     assert batched[1][-1].status == "diverged" and sum(r.status == "ok" for r in batched[1]) == 5
 
 
+@KERNELS
 @pytest.mark.parametrize("family,hidden", [("mlp", (32,)), ("mlp", (24, 16)), ("linear", ())])
-def test_the_fused_step_equals_the_loop(family, hidden):
-    _, *batched = _learn(family, hidden, "batched", UNCLIPPED)
+def test_the_fused_step_equals_the_loop(family, hidden, kernel):
+    _, *batched = _learn(family, hidden, "batched", UNCLIPPED, kernel=kernel)
     _, *loop = _learn(family, hidden, "loop", UNCLIPPED)
     _assert_same(loop, batched)
     assert batched[1][-1].status == "diverged" and sum(r.status == "ok" for r in batched[1]) == 5
 
 
-def test_parts_on_threads_learn_exactly_as_one_stack(monkeypatch, torch_threads):
-    """With two torch threads the group is dealt into one part per thread; each variant
-    learns bit for bit as in one stack, and the thread count is back after."""
+@KERNELS
+def test_parts_on_threads_learn_exactly_as_one_stack(monkeypatch, torch_threads, kernel):
+    """With two torch threads the group is dealt into one part per thread (torch kernel) or
+    its variants onto two threads (native kernel); each variant learns bit for bit as on
+    one, and the thread count is back after."""
     monkeypatch.setattr(engine_mod, "MIN_PART", 1)
     for tasks in (TASKS, UNCLIPPED):
-        _, w1, r1 = _learn("mlp", (24, 16), "batched", tasks, threads=1)
-        learner, w2, r2 = _learn("mlp", (24, 16), "batched", tasks, threads=2)
+        _, w1, r1 = _learn("mlp", (24, 16), "batched", tasks, threads=1, kernel=kernel)
+        learner, w2, r2 = _learn("mlp", (24, 16), "batched", tasks, threads=2, kernel=kernel)
         assert learner.engine._n_parts(len(tasks)) == 2 and torch.get_num_threads() == 2
         assert torch.equal(w1, w2)
         assert [r.loss for r in r1] == [r.loss for r in r2] and [r.status for r in r1] == [r.status for r in r2]
@@ -144,10 +154,11 @@ def extra_families():
     del MODEL_FAMILIES["_act"], MODEL_FAMILIES["_bn"]
 
 
+@KERNELS
 @pytest.mark.parametrize("tasks", [TASKS[:4], UNCLIPPED[:4]], ids=["clipped", "fused"])
-def test_every_supported_activation_batches_exactly(extra_families, tasks):
-    learner, *batched = _learn("_act", (), "batched", tasks)
-    assert learner.plan.kind == "stacked"
+def test_every_supported_activation_batches_exactly(extra_families, tasks, kernel):
+    learner, *batched = _learn("_act", (), "batched", tasks, kernel=kernel)
+    assert learner.plan.kind == "stacked" and learner.describe()["kernel"] == kernel
     _, *loop = _learn("_act", (), "loop", tasks)
     _assert_same(loop, batched)
 
