@@ -37,3 +37,17 @@ def ray_session():
         start_local_ray(2)
     yield ray
     ray.shutdown()
+
+
+def require_native() -> None:
+    """Skip a test of the native kernel where it cannot build here (no C compiler), unless
+    ``FORKPOP_REQUIRE_NATIVE=1`` (CI sets it): then it fails with the reason."""
+    import os
+
+    from forkpop.population import native
+
+    lib, why = native.kernel()
+    if lib is None:
+        if os.environ.get("FORKPOP_REQUIRE_NATIVE") == "1":
+            pytest.fail(f"the native kernel is required here: {why}")
+        pytest.skip(f"the native kernel does not build here: {why}")

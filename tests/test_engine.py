@@ -10,6 +10,8 @@ from forkpop.workers import engine as engine_mod
 from forkpop.workers.engine import BatchedEngine, plan_engine, resolve_device
 from torch import nn
 
+from tests.conftest import require_native
+
 DATA = DataSpec(n_niches=6, alpha=0.5)
 
 # Different learning rates, momenta, weight decays, epochs and niches (of different sizes,
@@ -37,6 +39,8 @@ def torch_threads():
 
 
 def _learn(family, hidden, engine, tasks=TASKS, threads=1, kernel="auto"):
+    if kernel == "native":
+        require_native()
     spec = LearnerSpec(
         DATA, ModelSpec(family, hidden), batch_size=16, torch_threads=threads, engine=engine, kernel=kernel
     )
