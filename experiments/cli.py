@@ -372,6 +372,7 @@ def main(argv: list[str] | None = None) -> int:
     # No usage reports from a research run unless asked for (set these to opt back in).
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # no INFO lines about creating tables
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no bar per artifact read
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     parser = _Parser(prog="forkpop", description="Evolving, forking model populations on Ray, tracked in MLflow.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)

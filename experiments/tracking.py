@@ -408,6 +408,7 @@ def _writer_main(
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the driver, which closes the run
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # no "View run" line per run
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # the explorer reads artifacts back
     remote = not _is_local_store(uri)
     if remote:  # this process retries, with backoff and a bound; MLflow's retries would hide an outage for minutes
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
