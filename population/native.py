@@ -8,7 +8,7 @@ one Python thread per core trains variants side by side.
 
 It is built on first use with the machine's C compiler (``cc -O3 -march=native``: AVX2 and
 FMA where the CPU has them, nothing assumed) into a cache folder keyed by the source, the
-compiler and the flags (``$FORKPOP_CACHE`` or ``~/.cache/forkpop``): about 1.5 s once per
+compiler, the flags and the CPU's features (``$FORKPOP_CACHE`` or ``~/.cache/forkpop``): about 1.5 s once per
 machine, nothing after. Where there is no compiler, or the build fails, :func:`kernel`
 answers None with the reason and the engine keeps its torch path.
 """
@@ -18,6 +18,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -49,10 +50,23 @@ def _compiler() -> str | None:
     return None
 
 
+def _cpu_flags() -> str:
+    """The CPU's feature flags (``-march=native`` builds for them: a library built on an
+    AVX-512 node must not be loaded on an AVX2 one sharing the cache folder)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def _build(cc: str) -> Path:
     src = SOURCE.read_bytes()
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    key = hashlib.sha256(src + version.encode() + " ".join(FLAGS).encode() + sys.platform.encode()).hexdigest()[:16]
+    parts = (version, " ".join(FLAGS), sys.platform, platform.machine(), _cpu_flags())
+    key = hashlib.sha256(src + "\n".join(parts).encode()).hexdigest()[:16]
     out = cache_dir() / f"mlp-{key}.so"
     if out.exists():
         return out
