@@ -1,0 +1,150 @@
+"""The label-budget world's ground: drifting unlabelled streams, the oracle, the label ledger.
+
+A niche of the label-budget world arrives as a stream of inputs whose class mix drifts: its
+classes are dealt into phases (a different deal per niche), and each stretch of the stream
+draws mostly from its phase's classes. Labels are not in the stream. A small share arrives
+free; every other label is bought from the :class:`Oracle` out of a per-lifetime budget. The
+oracle is the only path to a label, and every label any part of a run reads (free, queried,
+and those of the validation and acceptance splits) is written in the :class:`LabelLedger`,
+which the run records. The test split's labels never pass through it: they are reported only.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+KINDS = ("free", "query", "validation", "acceptance")
+
+
+def drift_order(
+    labels: np.ndarray, rows: np.ndarray, phases: int, rng: np.random.Generator, purity: float = 1.0
+) -> np.ndarray:
+    """``rows`` (indices into ``labels``) reordered into a drifting stream.
+
+    The classes present are dealt at random into ``phases`` groups; the stream is cut into
+    ``phases`` stretches of equal length, and a stretch takes its samples from its group's
+    classes with probability ``purity`` (from the others otherwise), for as long as either
+    has samples left. The default, 1, is "some classes early, others late": what arrives in
+    one phase says nothing of the next one's classes. Within that, the order is random.
+    ``phases=1`` is a plain shuffle.
+    """
+    rows = np.asarray(rows, dtype=np.int64)
+    if phases < 1:
+        raise ValueError(f"budget.phases must be >= 1 (got {phases})")
+    if not 0.0 <= purity <= 1.0:
+        raise ValueError(f"budget.purity must be in [0, 1] (got {purity})")
+    rows = rows[rng.permutation(len(rows))]
+    if phases == 1 or len(rows) == 0:
+        return rows
+    classes = rng.permutation(np.unique(labels[rows]))
+    group_of = {int(c): i % phases for i, c in enumerate(classes)}
+    pools = [[int(r) for r in rows if group_of[int(labels[r])] == p] for p in range(phases)]
+    out: list[int] = []
+    bounds = np.linspace(0, len(rows), phases + 1).round().astype(int)
+    for p in range(phases):
+        for _ in range(bounds[p + 1] - bounds[p]):
+            own = pools[p]
+            others = [q for q in range(phases) if q != p and pools[q]]
+            take_own = own and (not others or rng.random() < purity)
+            src = own if take_own else pools[others[int(rng.integers(len(others)))]]
+            out.append(src.pop())
+    return np.asarray(out, dtype=np.int64)
+
+
+class BudgetExhausted(RuntimeError):
+    """A query past the lifetime's budget: the caller asked for a label it cannot pay for."""
+
+
+@dataclass
+class LabelLedger:
+    """Every label a run read, by kind (``free``, ``query``, ``validation``, ``acceptance``)
+    and by whom; ``counts()`` is what the run records."""
+
+    entries: list[tuple[str, str, int]] = field(default_factory=list)  # (kind, reader, row)
+
+    def add(self, kind: str, reader: str, rows: Sequence[int]) -> None:
+        if kind not in KINDS:
+            raise ValueError(f"unknown label kind {kind!r}; one of {KINDS}")
+        self.entries.extend((kind, reader, int(r)) for r in rows)
+
+    def counts(self) -> dict[str, int]:
+        c = Counter(kind for kind, _, _ in self.entries)
+        return {k: c.get(k, 0) for k in KINDS}
+
+    def by_reader(self, kind: str) -> dict[str, int]:
+        return dict(Counter(reader for k, reader, _ in self.entries if k == kind))
+
+    def merge(self, other: LabelLedger) -> None:
+        self.entries.extend(other.entries)
+
+
+class Oracle:
+    """The only path to the labels of one niche's stream during one lifetime.
+
+    ``stream`` is the niche's rows in arrival order; ``labels`` the pool's labels (the oracle
+    never sees the test split's). ``free`` of the stream's positions carry their label free
+    (chosen by ``rng`` among the stream, at least one when ``free_share > 0``); ``budget`` is
+    the number of queries the lifetime may make. Every label handed out goes to ``ledger``
+    under ``reader``. A row is paid for once: asking again for a label already read is free.
+    """
+
+    def __init__(
+        self,
+        labels: np.ndarray,
+        stream: np.ndarray,
+        budget: int,
+        free_share: float,
+        rng: np.random.Generator,
+        ledger: LabelLedger,
+        reader: str,
+    ):
+        if budget < 0:
+            raise ValueError(f"a budget is >= 0 labels (got {budget})")
+        self._labels = labels
+        self.stream = np.asarray(stream, dtype=np.int64)
+        self.budget = int(budget)
+        n_free = 0 if free_share <= 0 else max(1, int(round(free_share * len(self.stream))))
+        pos = np.sort(rng.choice(len(self.stream), size=min(n_free, len(self.stream)), replace=False))
+        self.free_positions = frozenset(int(p) for p in pos)
+        self.ledger, self.reader = ledger, reader
+        self.spent = 0
+        self.known: dict[int, int] = {}  # row -> label read this lifetime
+        self.spent_at: list[int] = []  # the stream position of each query, in order
+
+    @property
+    def left(self) -> int:
+        return self.budget - self.spent
+
+    def free(self, position: int) -> int | None:
+        """The label at stream ``position`` if it arrives free (None otherwise)."""
+        if position not in self.free_positions:
+            return None
+        row = int(self.stream[position])
+        if row not in self.known:
+            self.known[row] = int(self._labels[row])
+            self.ledger.add("free", self.reader, [row])
+        return self.known[row]
+
+    def query(self, position: int) -> int:
+        """Buy the label at stream ``position`` (raises :class:`BudgetExhausted` past the budget)."""
+        row = int(self.stream[position])
+        if row in self.known:
+            return self.known[row]
+        if self.spent >= self.budget:
+            raise BudgetExhausted(f"{self.reader}: budget of {self.budget} labels spent (position {position})")
+        self.spent += 1
+        self.spent_at.append(int(position))
+        self.known[row] = int(self._labels[row])
+        self.ledger.add("query", self.reader, [row])
+        return self.known[row]
+
+
+def budget_labels(share: float, niche_size: int) -> int:
+    """A lifetime's query budget: ``share`` of the niche, rounded, at least 1 when share > 0."""
+    if share < 0:
+        raise ValueError(f"budget.share must be >= 0 (got {share})")
+    return 0 if share == 0 else max(1, int(round(share * niche_size)))
