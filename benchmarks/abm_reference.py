@@ -54,9 +54,12 @@ def _margin(model, x: np.ndarray) -> float:
     return float(p[-1] - (p[-2] if len(p) > 1 else 0.0))
 
 
-def run_stream(policy: str, x, labels, stream, budget: int, rng: np.random.Generator, ledger: LabelLedger, reader):
-    """One pass over ``stream``; returns the labelled rows the learner ends with."""
-    oracle = Oracle(labels, stream, budget if policy != "fixed_a" else 0, 0.01, rng, ledger, reader)
+def run_stream(policy: str, x, labels, stream, budget: int, seed: list[int], ledger: LabelLedger, reader):
+    """One pass over ``stream``; returns the labelled rows the learner ends with. ``seed``
+    draws the free labels' positions (the same for every policy and budget) and, apart, the
+    random policy's choices."""
+    free_rng, rng = np.random.default_rng([*seed, 1]), np.random.default_rng([*seed, 2])
+    oracle = Oracle(labels, stream, budget if policy != "fixed_a" else 0, 0.01, free_rng, ledger, reader)
     held: dict[int, int] = {}
     model = None
     n = len(stream)
@@ -105,9 +108,10 @@ def main(argv: list[str] | None = None) -> int:
                 ledger = LabelLedger()
                 accs = []
                 for j, niche in enumerate(data.niches):
-                    rng = np.random.default_rng([part, j, int(share * 1000)])
-                    stream = drift_order(labels, niche, args.phases, rng)
-                    held = run_stream(policy, x, labels, stream, budget_labels(share, len(niche)), rng, ledger, f"n{j}")
+                    # the same stream and free labels for every policy and budget: paired comparisons
+                    stream = drift_order(labels, niche, args.phases, np.random.default_rng([part, j]))
+                    b = budget_labels(share, len(niche))
+                    held = run_stream(policy, x, labels, stream, b, [part, j], ledger, f"n{j}")
                     model = _fit(x[held], labels[held], data.n_classes)
                     accs.append(float((model.predict(data.x_test) == data.y_test).mean()) if model else 0.0)
                 c = ledger.counts()

@@ -411,6 +411,20 @@ class _Part:
     val_hits: np.ndarray  # (m,) correct predictions on the validation split
 
 
+@dataclass
+class _Sorted:
+    """A group sorted longest first: weights ``(n, n_params)``, steps, batches per pass and
+    batch-table offsets ``(n,)``, ``hyper`` ``(4, n)`` (lr, momentum, weight decay, clip), and
+    the labels this call reads."""
+
+    stacked: torch.Tensor
+    steps: np.ndarray
+    nb: np.ndarray
+    off: np.ndarray
+    hyper: np.ndarray
+    y_pool: torch.Tensor
+
+
 def _in_threads(jobs: list[Callable[[], T]], threads: int) -> list[T]:
     """Run ``jobs`` on up to ``threads`` threads, each with one torch thread; their results,
     in order.
@@ -541,11 +555,11 @@ class BatchedEngine:
         death = np.full(n, -1, dtype=np.int64)
         dead_reason: dict[int, str] = {}
         val_hits = np.zeros(n, dtype=np.int64)
+        group = _Sorted(stacked, steps_s, nb_s, off_s, hyper, y_pool)
         if self.native is not None:
-            part = self._learn_native(stacked, steps_s, nb_s, off_s, hyper, y_pool)
-            parts, results = [np.arange(n)], [part]
+            parts, results = [np.arange(n)], [self._learn_native(group)]
         else:
-            parts, results = self._learn_torch(stacked, steps_s, nb_s, off_s, hyper, y_pool)
+            parts, results = self._learn_torch(group)
         for m, part in zip(parts, results, strict=True):
             loss_np[: len(part.loss), m] = part.loss
             hit_np[: len(part.hits), m] = part.hits
@@ -580,17 +594,10 @@ class BatchedEngine:
         out.index_copy_(0, order_t, final)
         return out, records
 
-    def _learn_torch(
-        self,
-        stacked: torch.Tensor,
-        steps_s: np.ndarray,
-        nb_s: np.ndarray,
-        off_s: np.ndarray,
-        hyper: np.ndarray,
-        y_pool: torch.Tensor,
-    ) -> tuple[list[np.ndarray], list[_Part]]:
+    def _learn_torch(self, g: _Sorted) -> tuple[list[np.ndarray], list[_Part]]:
         """The torch path: the sorted group dealt into parts (see :meth:`_n_parts`), each
         learning as stacked steps on its own thread; the parts' positions and what they learned."""
+        stacked, steps_s, nb_s, off_s, hyper, y_pool = g.stacked, g.steps, g.nb, g.off, g.hyper, g.y_pool
         n = stacked.shape[0]
         # Decided for the whole group, so that no variant's arithmetic depends on its part.
         # Without clipping (which needs each whole gradient first) the stacked products add
@@ -616,17 +623,10 @@ class BatchedEngine:
         ]
         return parts, _in_threads(jobs, torch.get_num_threads())
 
-    def _learn_native(
-        self,
-        stacked: torch.Tensor,
-        steps_s: np.ndarray,
-        nb_s: np.ndarray,
-        off_s: np.ndarray,
-        hyper: np.ndarray,
-        y_pool: torch.Tensor,
-    ) -> _Part:
-        """The native kernel's path (:mod:`workers.native`): each variant's whole lifetime in
+    def _learn_native(self, g: _Sorted) -> _Part:
+        """The native kernel's path (:mod:`forkpop.population.native`): each variant's whole lifetime in
         one C call, on one Python thread per torch thread (ctypes lets go of the GIL)."""
+        stacked, steps_s, nb_s, off_s, hyper, y_pool = g.stacked, g.steps, g.nb, g.off, g.hyper, g.y_pool
         lib, layout = self.native
         n, t_max = stacked.shape[0], int(steps_s[0])
         final = stacked.to(torch.float32).contiguous().clone()  # each row learns in place
