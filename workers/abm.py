@@ -1,0 +1,236 @@
+"""One lifetime on a label-budget stream: System A (observe), B (act) and M (the switch).
+
+A variant reads its niche's stream (:func:`forkpop.workers.budget.drift_order`) once, an
+input at a time. At each arrival its meta-controller, System M, chooses from signals the
+variant computes itself:
+
+- **observe** (System A): learn without paying, from a pseudo-label: the variant's own
+  prediction where it is confident, else the label of the nearest input it holds a label
+  for (a neighbour method over what it has seen);
+- **act** (System B): buy the arriving input's label from the :class:`~forkpop.workers.budget.Oracle`.
+
+A free label, when one arrives, is always taken. Every labelled arrival is one SGD step on a
+small batch: the arrival and up to ``replay - 1`` earlier labels drawn from all it holds
+(bought or free; pseudo-labels are never replayed), so that an early phase is not forgotten.
+
+The signals, each in about [0, 1]: ``margin`` (top-1 minus top-2 probability of the arrival),
+``novelty`` (its distance to the nearest input seen, over the running mean of such
+distances, halved and capped at 1), ``progress`` (how much the predictions on a fixed probe,
+which the variant cannot choose, moved since the last arrival, scaled), ``surprise`` (the
+loss on the last free label, over log C), ``budget_left`` and ``time`` (the share of the
+stream read). :class:`Controller` is M as genes: act when ``bias + sum(w * signal) > 0``.
+The fixed policies the study compares it with are :data:`POLICIES`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from forkpop.population.models import load_flat_weights
+from forkpop.workers.budget import Oracle
+from torch import nn
+
+SIGNALS = ("margin", "novelty", "progress", "surprise", "budget_left", "time")
+
+
+@dataclass(frozen=True)
+class Controller:
+    """System M: act when ``bias + sum(weights[i] * signal[i]) > 0`` (signals in
+    :data:`SIGNALS` order) and budget is left. Its numbers are genes (``m_bias``,
+    ``m_margin``, ...): mutated, inherited and selected like the others."""
+
+    weights: tuple[float, ...]
+    bias: float = 0.0
+
+    def __post_init__(self) -> None:
+        if len(self.weights) != len(SIGNALS):
+            raise ValueError(f"a controller weighs {len(SIGNALS)} signals {SIGNALS}, got {len(self.weights)}")
+
+    @classmethod
+    def from_genome(cls, genome: dict[str, float]) -> Controller:
+        return cls(tuple(float(genome.get(f"m_{s}", 0.0)) for s in SIGNALS), float(genome.get("m_bias", 0.0)))
+
+    def __call__(self, s: dict[str, float], t: int, n: int, oracle: Oracle, rng: np.random.Generator) -> bool:
+        return self.bias + sum(w * s[k] for w, k in zip(self.weights, SIGNALS, strict=True)) > 0
+
+
+Policy = Callable[[dict, int, int, Oracle, np.random.Generator], bool]
+
+
+def fixed_a(s: dict, t: int, n: int, oracle: Oracle, rng: np.random.Generator) -> bool:
+    return False
+
+
+def greedy_b(s: dict, t: int, n: int, oracle: Oracle, rng: np.random.Generator) -> bool:
+    return True
+
+
+def paced_b(s: dict, t: int, n: int, oracle: Oracle, rng: np.random.Generator, margin: float = 0.5) -> bool:
+    """Buy an unsure arrival (margin under ``margin``) while the spending keeps to the pace
+    budget * (t + 1) / n; an arrival that finds the pace ahead of the spending is bought anyway."""
+    pace = oracle.budget * (t + 1) / n
+    return oracle.spent < pace and (s["margin"] < margin or oracle.spent + 1 < pace)
+
+
+def random_b(s: dict, t: int, n: int, oracle: Oracle, rng: np.random.Generator) -> bool:
+    return bool(rng.random() < oracle.budget / max(n, 1))
+
+
+class Exp3:
+    """A bandit over the two modes (EXP3 with exploration floor ``gamma``): each arrival draws
+    observe or act; the reward of the mode drawn is the probe progress that followed (in
+    [0, 1]), weighted by the inverse of the mode's probability."""
+
+    def __init__(self, gamma: float = 0.2):
+        self.gamma, self.w, self.last = gamma, np.ones(2), None
+
+    def probs(self) -> np.ndarray:
+        return (1 - self.gamma) * self.w / self.w.sum() + self.gamma / 2
+
+    def __call__(self, s: dict, t: int, n: int, oracle: Oracle, rng: np.random.Generator) -> bool:
+        p = self.probs()
+        if self.last is not None:  # the reward of the previous draw: the progress it led to
+            arm, p_arm = self.last
+            self.w[arm] *= math.exp(self.gamma * min(1.0, s["progress"]) / (2 * p_arm))
+            self.w /= self.w.max()
+        arm = int(rng.random() < p[1])
+        self.last = (arm, p[arm])
+        return arm == 1
+
+
+POLICIES: dict[str, Callable[[], Policy]] = {
+    "fixed_a": lambda: fixed_a,
+    "greedy_b": lambda: greedy_b,
+    "paced_b": lambda: paced_b,
+    "random": lambda: random_b,
+    "bandit": Exp3,
+}
+
+
+@dataclass
+class Lifetime:
+    """What one lifetime did: its weights after, the mode per arrival (``A``, ``B``, or ``F``
+    where a free label arrived), the stream positions where budget was spent, and the signals
+    M saw (``(n, len(SIGNALS))``)."""
+
+    weights: torch.Tensor
+    modes: list[str] = field(default_factory=list)
+    spent_at: list[int] = field(default_factory=list)
+    signals: np.ndarray | None = None
+
+    @property
+    def switches(self) -> int:
+        """Changes between observing and acting (free arrivals do not count)."""
+        m = [x for x in self.modes if x in "AB"]
+        return sum(a != b for a, b in zip(m, m[1:], strict=False))
+
+    def late_share(self) -> float:
+        """Share of the budget spent after the stream's midpoint."""
+        if not self.spent_at:
+            return 0.0
+        half = len(self.modes) / 2
+        return sum(p >= half for p in self.spent_at) / len(self.spent_at)
+
+
+def live(
+    model: nn.Module,
+    weights: torch.Tensor,
+    x: torch.Tensor,
+    oracle: Oracle,
+    policy: Policy,
+    probe: torch.Tensor,
+    rng: np.random.Generator,
+    *,
+    lr: float = 0.05,
+    replay: int = 16,
+    confident: float = 0.9,
+    observe_weight: float = 0.5,
+    fed_signals: np.ndarray | None = None,
+) -> Lifetime:
+    """One lifetime of ``model`` from ``weights`` over the stream ``x[oracle.stream]``.
+
+    ``probe`` is the fixed input set learning progress is measured on. ``fed_signals``
+    ``(n, len(SIGNALS))`` is what M sees instead of the variant's own signals: a lifetime's
+    recorded signals in another order are the shuffled-signal control, which keeps each
+    signal's distribution and breaks its timing.
+    """
+    load_flat_weights(model, weights)
+    params = list(model.parameters())
+    opt = torch.optim.SGD(params, lr=lr, momentum=0.0)
+    stream = oracle.stream
+    n = len(stream)
+    xs = x[torch.from_numpy(stream)]
+    c = None
+    held_x: list[torch.Tensor] = []
+    held_y: list[int] = []
+    seen = torch.empty(0, x.shape[1])
+    dist_mean, surprise = 1.0, 0.0
+    with torch.no_grad():
+        probe_p = F.softmax(model(probe), 1)
+    out = Lifetime(weights=weights, signals=np.zeros((n, len(SIGNALS))))
+    progress = 0.0
+    sigs = out.signals
+    for t in range(n):
+        xi = xs[t : t + 1]
+        with torch.no_grad():
+            p = F.softmax(model(xi), 1)[0]
+        c = c or p.numel()
+        top = torch.topk(p, 2).values
+        if len(seen):
+            d = float(torch.cdist(xi, seen).min())
+            novelty = min(1.0, d / (2 * dist_mean))
+            dist_mean += (d - dist_mean) / len(seen)
+        else:
+            novelty = 1.0
+        seen = torch.cat([seen, xi])
+        s = {
+            "margin": float(top[0] - top[1]),
+            "novelty": novelty,
+            "progress": min(1.0, progress),
+            "surprise": surprise,
+            "budget_left": oracle.left / max(oracle.budget, 1),
+            "time": t / n,
+        }
+        sigs[t] = [s[k] for k in SIGNALS]
+        label = oracle.free(t)
+        if label is not None:
+            mode, weight = "F", 1.0
+            with torch.no_grad():
+                surprise = min(1.0, float(-torch.log(p[label].clamp_min(1e-12))) / math.log(c))
+        else:
+            seen_s = s if fed_signals is None else dict(zip(SIGNALS, map(float, fed_signals[t]), strict=True))
+            act = oracle.left > 0 and policy(seen_s, t, n, oracle, rng)
+            if act:
+                mode, weight, label = "B", 1.0, oracle.query(t)
+            else:
+                mode, weight = "A", observe_weight
+                if float(top[0]) >= confident or not held_x:
+                    label = int(p.argmax())
+                else:
+                    nearest = int(torch.cdist(xi, torch.cat(held_x)).argmin())
+                    label = held_y[nearest]
+        out.modes.append(mode)
+        # replayed: drawn from every label held, so that early phases are not forgotten
+        pick = rng.choice(len(held_x), size=min(replay - 1, len(held_x)), replace=False) if held_x else []
+        bx = [xi] + [held_x[i] for i in pick]
+        by = [label] + [held_y[i] for i in pick]
+        w = torch.tensor([weight] + [1.0] * (len(by) - 1))
+        loss = (F.cross_entropy(model(torch.cat(bx)), torch.tensor(by), reduction="none") * w).sum() / w.sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if mode != "A":
+            held_x.append(xi)
+            held_y.append(label)
+        with torch.no_grad():
+            new_p = F.softmax(model(probe), 1)
+            progress = float((new_p - probe_p).abs().sum(1).mean()) * 10.0
+            probe_p = new_p
+    out.spent_at = list(oracle.spent_at)
+    out.weights = torch.nn.utils.parameters_to_vector(params).detach().clone()
+    return out
