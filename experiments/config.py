@@ -439,6 +439,23 @@ class SelfTrainConfig(_Strict):
     )
 
 
+class BudgetConfig(_Strict):
+    """The label-budget world (``data.world: budget``): labels bought from an oracle."""
+
+    share: float = Field(0.05, ge=0, le=1, description="Labels a lifetime may buy, as a share of its niche.")
+    free: float = Field(0.01, ge=0, le=1, description="Share of a niche's labels that arrive free.")
+    phases: int = Field(2, ge=1, description="Phases of a niche's drifting class mix (1: no drift).")
+    policy: Literal["evolved", "fixed_a", "greedy_b", "paced_b", "random", "bandit"] = Field(
+        "evolved",
+        description="When to buy: evolved (System M, the genome's m_* genes), or a fixed policy: fixed_a (free "
+        "labels only), greedy_b (buy until the budget is spent), paced_b (unsure inputs at a steady pace), "
+        "random, bandit (EXP3 over observing and buying).",
+    )
+    replay: int = Field(
+        16, ge=1, description="Mini-batch of a labelled arrival: it and earlier labels drawn at random."
+    )
+
+
 class LMConfig(_Strict):
     n_layer: int = Field(2, ge=1, description="Transformer blocks of the byte-level language model.")
     n_head: int = Field(4, ge=1, description="Attention heads.")
@@ -516,6 +533,7 @@ class ExperimentConfig(_Strict):
     distill: DistillConfig = DistillConfig()
     tracking: TrackingConfig = TrackingConfig()
     lm: LMConfig = LMConfig()
+    budget: BudgetConfig = BudgetConfig()
 
     @model_validator(mode="after")
     def _consistent(self) -> ExperimentConfig:

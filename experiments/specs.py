@@ -88,5 +88,13 @@ def text_world(cfg: ExperimentConfig):  # noqa: ANN201 - a TextWorld, imported w
 
 
 # A world plug-in is a factory ``(ExperimentConfig) -> World`` registered as kind ``worlds``.
+def budget_world(cfg: ExperimentConfig):  # noqa: ANN201 - a BudgetWorld, imported when asked for
+    """The label-budget world of ``cfg`` (``data.world: budget``; see :mod:`forkpop.workers.budget_world`)."""
+    from forkpop.workers.budget_world import budget_world as build
+
+    return build(cfg)
+
+
 register("worlds", "classification", classification_world)
 register("worlds", "text", text_world)
+register("worlds", "budget", budget_world)

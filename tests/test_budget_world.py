@@ -1,0 +1,62 @@
+"""The label-budget world end to end: a run whose variants buy labels, and MLflow holds every count."""
+
+import json
+import os
+
+import pytest
+from forkpop.experiments.tracking import artifact_jsons, table_rows
+
+import forkpop
+
+OVERRIDES = ["run.generations=2", "data.n_niches=4", "population.size=4", "selection.k=2", "distill.steps=20"]
+
+
+def _run(tmp_path, tracking_uri, *extra):
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        return forkpop.run(
+            "abm", overrides=[*OVERRIDES, f"run.run_dir={tmp_path}", *extra], backend="local", tracking_uri=tracking_uri
+        )
+    finally:
+        os.chdir(cwd)
+
+
+@pytest.mark.parametrize("policy", ["evolved", "fixed_a", "greedy_b"])
+def test_a_budget_run_buys_within_its_budget_and_records_every_label(tmp_path, tracking_uri, policy):
+    from mlflow import MlflowClient
+
+    r = _run(tmp_path, tracking_uri, f"budget.policy={policy}")
+    assert r.summary["generations"] == 2 and 0.0 <= r.summary["seed_test_accuracy"] <= 1.0
+    world = json.loads(next(r.run_dir.rglob("world.json")).read_text())
+    assert world["world"] == "budget" and world["budget"]["policy"] == policy
+    assert world["labels"]["validation"] > 0 and world["labels"]["test_read_for_selection"] == 0
+    client = MlflowClient(tracking_uri)
+    (tmp_path / "dl").mkdir()
+    run = client.get_run(r.summary["mlflow_run_id"])
+    rows = [
+        row
+        for row in table_rows(artifact_jsons(client, run, "variants", str(tmp_path / "dl")).values())
+        if row["origin"] == "fork"
+    ]
+    assert len(rows) == 2 * 4  # every fork of both generations, with its label counts in MLflow
+    for row in rows:
+        assert 0 <= row["budget.labels_bought"] <= row["budget.budget"]
+        assert row["budget.labels_free"] >= 1 and 0 <= row["budget.late_share"] <= 1
+    bought = [row["budget.labels_bought"] for row in rows]
+    if policy == "fixed_a":
+        assert bought == [0] * len(rows)
+    if policy == "greedy_b":
+        assert all(row["budget.labels_bought"] == row["budget.budget"] for row in rows)
+        assert all(row["budget.late_share"] == 0 for row in rows)
+
+
+def test_a_bad_budget_policy_is_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-m", "forkpop.experiments.cli", "run", "abm", "--set", "budget.policy=greedy"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1 and "budget.policy" in out.stderr

@@ -1,0 +1,160 @@
+"""The label-budget world (``data.world: budget``): the classification data, labels bought.
+
+Each niche is an unlabelled stream whose class mix drifts (:func:`forkpop.workers.budget.drift_order`,
+``budget.phases``, a deal per niche fixed by ``data.seed``). A variant's lifetime is one pass
+over its niche's stream (:func:`forkpop.workers.abm.live`): ``budget.free`` of the labels
+arrive free, and it may buy ``budget.share`` of the niche from the oracle. Its meta-controller
+is ``budget.policy``: ``evolved`` (System M, the genome's ``m_*`` genes) or a fixed policy of
+:data:`forkpop.workers.abm.POLICIES`. Selection reads the validation split's labels and elitism
+the acceptance split's: both count in the run's label ledger (``describe()["labels"]``), with
+every label bought or given free (each variant's ``metrics``). The test split is reported only.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from forkpop.population.forking import perturb_weights
+from forkpop.population.models import accuracy
+from forkpop.workers.abm import POLICIES, Controller, live
+from forkpop.workers.budget import LabelLedger, Oracle, budget_labels, drift_order
+from forkpop.workers.classification import ClassificationWorld
+from forkpop.workers.data import DataBundle, load_data
+from forkpop.workers.learner import ForkTask, LearnerSpec, LearnResult
+
+POLICY_NAMES = ("evolved", *POLICIES)
+
+
+@dataclass(frozen=True)
+class BudgetLearnerSpec:
+    """What every budget learner shares: the classification spec (data, model) and the budget."""
+
+    base: LearnerSpec
+    share: float = 0.05
+    free: float = 0.01
+    phases: int = 2
+    policy: str = "evolved"
+    replay: int = 16
+    probe: int = 64
+    learner: str = "forkpop.workers.budget_world:BudgetLearner"  # resolvable in any worker
+    import_roots: tuple[str, ...] = field(default=())
+
+    @property
+    def data(self) -> Any:
+        return self.base.data
+
+
+def stream_of(data: DataBundle, niche: int, phases: int, seed: int) -> np.ndarray:
+    """Niche ``niche``'s drifting stream: fixed by the partition's seed, the same in every generation."""
+    return drift_order(data.y_pool, data.niches[niche], phases, np.random.default_rng([seed, niche, 7]))
+
+
+class BudgetLearner:
+    """Hosts variants of the label-budget world: each lives one pass over its niche's stream."""
+
+    def __init__(self, spec: BudgetLearnerSpec):
+        torch.set_num_threads(spec.base.torch_threads)
+        self.spec = spec
+        self.data = load_data(spec.base.data, spec.base.plan)
+        d = self.data
+        self.model = spec.base.model.build(d.n_features, d.n_classes, input_shape=d.input_shape)
+        self.x_pool = torch.from_numpy(d.x_pool)
+        self.x_val, self.y_val = torch.from_numpy(d.x_val), torch.from_numpy(d.y_val)
+        # learning progress is measured on inputs the variant cannot choose: the first
+        # validation inputs, without their labels
+        self.probe = self.x_val[: spec.probe]
+
+    def describe(self) -> dict:
+        return {"device": "cpu", "engine": "budget", "reason": "", "kernel": "torch", "kernel_reason": ""}
+
+    def policy(self, genome: dict[str, float]) -> Any:
+        if self.spec.policy == "evolved":
+            return Controller.from_genome(genome)
+        return POLICIES[self.spec.policy]()
+
+    def learn(self, seed_weights: torch.Tensor, tasks: list[ForkTask]) -> tuple[torch.Tensor, list[LearnResult]]:
+        out_w, results = [], []
+        for task in tasks:
+            t0 = time.perf_counter()
+            seed = seed_weights[task.seed_index] if seed_weights.dim() == 2 else seed_weights
+            w = perturb_weights(seed, task.genome.get("fork_noise", 0.0), torch.Generator().manual_seed(task.seed))
+            niche = task.niche % len(self.data.niches)
+            stream = stream_of(self.data, niche, self.spec.phases, self.spec.base.data.seed)
+            ledger = LabelLedger()
+            rng = np.random.default_rng([task.seed, 11])
+            oracle = Oracle(
+                self.data.y_pool, stream, budget_labels(self.spec.share, len(stream)), self.spec.free, rng, ledger,
+                task.variant_id,
+            )  # fmt: skip
+            lt = live(
+                self.model, w, self.x_pool, oracle, self.policy(task.genome), self.probe, rng,
+                lr=float(task.genome.get("lr", 0.05)), replay=self.spec.replay,
+            )  # fmt: skip
+            counts = ledger.counts()
+            from forkpop.population.models import load_flat_weights
+
+            val = accuracy(load_flat_weights(self.model, lt.weights), self.x_val, self.y_val)
+            results.append(
+                LearnResult(
+                    task.variant_id,
+                    val_accuracy=float(val),
+                    samples=len(stream),
+                    seconds=time.perf_counter() - t0,
+                    metrics={
+                        "budget.labels_free": float(counts["free"]),
+                        "budget.labels_bought": float(counts["query"]),
+                        "budget.budget": float(oracle.budget),
+                        "budget.late_share": lt.late_share(),
+                        "budget.switches": float(lt.switches),
+                        "budget.observe_share": lt.modes.count("A") / max(len(lt.modes), 1),
+                    },
+                )
+            )
+            out_w.append(lt.weights)
+        return torch.stack(out_w), results
+
+
+class BudgetWorld(ClassificationWorld):
+    """The classification world whose variants buy their labels (see the module)."""
+
+    name = "budget"
+
+    def __init__(self, bundle: DataBundle, spec: BudgetLearnerSpec):
+        super().__init__(bundle, spec.base)
+        self.budget_spec = spec
+
+    def learner_spec(self) -> BudgetLearnerSpec:
+        return self.budget_spec
+
+    def labels(self, split: str) -> torch.Tensor | None:
+        """Only the validation split's labels (selection's evidence, counted); the niches' are
+        the oracle's."""
+        return super().labels(split) if split == "probe" else None
+
+    def describe(self) -> dict:
+        d = self.data
+        accept = 0 if d.y_accept is None else len(d.y_accept)
+        return {
+            **super().describe(),
+            "world": self.name,
+            "budget": {"share": self.budget_spec.share, "free": self.budget_spec.free,
+                       "phases": self.budget_spec.phases, "policy": self.budget_spec.policy},
+            # what selection and elitism read (once, the whole run); variants' reads are in their metrics
+            "labels": {"validation": len(d.y_val), "acceptance": accept, "test_read_for_selection": 0},
+        }  # fmt: skip
+
+
+def budget_world(cfg: Any) -> BudgetWorld:
+    """The label-budget world of ``cfg`` (``data.world: budget``)."""
+    from forkpop.experiments.specs import classification_world
+
+    base = classification_world(cfg)
+    b = cfg.budget
+    if b.policy not in POLICY_NAMES:
+        raise ValueError(f"unknown budget.policy {b.policy!r}; use one of {POLICY_NAMES}")
+    spec = BudgetLearnerSpec(base.spec, b.share, b.free, b.phases, b.policy, b.replay)
+    return BudgetWorld(base.data, spec)
