@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -32,62 +31,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from forkpop.workers import DataSpec, load_data  # noqa: E402
-from forkpop.workers.budget import LabelLedger, Oracle, budget_labels, drift_order  # noqa: E402
-
-POLICIES = ("fixed_a", "greedy_b", "paced_b", "random")
-
-
-def _fit(x: np.ndarray, y: np.ndarray, n_classes: int):
-    from sklearn.linear_model import LogisticRegression
-
-    if len(np.unique(y)) < 2:
-        return None
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return LogisticRegression(max_iter=500, C=1.0).fit(x, y)
-
-
-def _margin(model, x: np.ndarray) -> float:
-    if model is None:
-        return 0.0
-    p = np.sort(model.predict_proba(x[None])[0])
-    return float(p[-1] - (p[-2] if len(p) > 1 else 0.0))
-
-
-def run_stream(policy: str, x, labels, stream, budget: int, seed: list[int], ledger: LabelLedger, reader):
-    """One pass over ``stream``; returns the labelled rows the learner ends with. ``seed``
-    draws the free labels' positions (the same for every policy and budget) and, apart, the
-    random policy's choices."""
-    free_rng, rng = np.random.default_rng([*seed, 1]), np.random.default_rng([*seed, 2])
-    oracle = Oracle(labels, stream, budget if policy != "fixed_a" else 0, 0.01, free_rng, ledger, reader)
-    held: dict[int, int] = {}
-    model = None
-    n = len(stream)
-    stretch = max(1, n // max(budget, 1))
-    best_pos, best_margin = -1, np.inf
-    for t, row in enumerate(stream):
-        lab = oracle.free(t)
-        if lab is not None:
-            held[int(row)] = lab
-        elif policy == "greedy_b" and oracle.left > 0:
-            held[int(row)] = oracle.query(t)
-        elif policy == "random" and oracle.left > 0 and rng.random() < budget / n:
-            held[int(row)] = oracle.query(t)
-        elif policy == "paced_b":
-            m = _margin(model, x[row])
-            if m < best_margin:
-                best_pos, best_margin = t, m
-            if (t + 1) % stretch == 0 and oracle.left > 0 and best_pos >= 0:
-                held[int(stream[best_pos])] = oracle.query(best_pos)
-                best_pos, best_margin = -1, np.inf
-        if lab is not None or (policy != "fixed_a" and oracle.spent_at and oracle.spent_at[-1] == t):
-            rows = np.fromiter(held, dtype=np.int64)
-            model = _fit(x[rows], labels[rows], int(labels.max()) + 1)
-        elif policy == "paced_b" and (t + 1) % stretch == 0:
-            rows = np.fromiter(held, dtype=np.int64)
-            model = _fit(x[rows], labels[rows], int(labels.max()) + 1) if len(rows) else None
-    assert oracle.spent <= budget
-    return np.fromiter(held, dtype=np.int64)
+from forkpop.workers.budget import REFERENCE_POLICIES as POLICIES  # noqa: E402
+from forkpop.workers.budget import LabelLedger, budget_labels, drift_order, fit_reference, reference_stream  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -111,8 +56,8 @@ def main(argv: list[str] | None = None) -> int:
                     # the same stream and free labels for every policy and budget: paired comparisons
                     stream = drift_order(labels, niche, args.phases, np.random.default_rng([part, j]))
                     b = budget_labels(share, len(niche))
-                    held = run_stream(policy, x, labels, stream, b, [part, j], ledger, f"n{j}")
-                    model = _fit(x[held], labels[held], data.n_classes)
+                    held = reference_stream(policy, x, labels, stream, b, [part, j], ledger, f"n{j}")
+                    model = fit_reference(x[held], labels[held])
                     accs.append(float((model.predict(data.x_test) == data.y_test).mean()) if model else 0.0)
                 c = ledger.counts()
                 row = {"partition": part, "budget": share, "policy": policy, "test_accuracy": float(np.mean(accs)),

@@ -152,11 +152,20 @@ def cmd_study(args: argparse.Namespace) -> int:
     from forkpop.experiments.study import format_table, load_study, mode_configs, summarize, write
 
     path = Path(args.study)
+    if args.study == "abm" and not path.exists():
+        from forkpop.experiments.abm_study import cmd_abm_study
+
+        try:
+            return cmd_abm_study(args)
+        except ConfigError as e:
+            return _fail(str(e))
+        except ValueError:
+            return _fail("--partitions takes integers separated by commas, e.g. 0,1,2,3,4")
     if not path.exists():
         path = Path(__file__).parent / "configs" / f"study_{args.study}.yaml"
     if not path.exists():
         return _fail(
-            f"no study {args.study!r}: give a study YAML or a bundled name (diversity, selection, text, collapse)"
+            f"no study {args.study!r}: give a study YAML or a bundled name (diversity, selection, text, collapse, abm)"
         )
     from forkpop.experiments.text_study import cmd_text_study, study_kind
 
@@ -389,7 +398,9 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_resume)
 
     p = sub.add_parser("study", help="run several modes of an experiment over several seeds and compare them")
-    p.add_argument("study", help="a study YAML, or the name of a bundled one (diversity, selection, text, collapse)")
+    p.add_argument(
+        "study", help="a study YAML, or the name of a bundled one (diversity, selection, text, collapse, abm)"
+    )
     p.add_argument("--seeds", default=None, help="run seeds, e.g. 0,1,2 (default: the study's)")
     p.add_argument(
         "--partitions", default=None, help="partitions (data.seed), e.g. 0,1,2,3 (default: the study's or the base's)"

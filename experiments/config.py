@@ -445,9 +445,10 @@ class BudgetConfig(_Strict):
     share: float = Field(0.05, ge=0, le=1, description="Labels a lifetime may buy, as a share of its niche.")
     free: float = Field(0.01, ge=0, le=1, description="Share of a niche's labels that arrive free.")
     phases: int = Field(2, ge=1, description="Phases of a niche's drifting class mix (1: no drift).")
-    policy: Literal["evolved", "fixed_a", "greedy_b", "paced_b", "random", "bandit"] = Field(
+    policy: Literal["evolved", "shuffled_m", "fixed_a", "greedy_b", "paced_b", "random", "bandit"] = Field(
         "evolved",
-        description="When to buy: evolved (System M, the genome's m_* genes), or a fixed policy: fixed_a (free "
+        description="When to buy: evolved (System M, the genome's m_* genes; shuffled_m: M fed its own "
+        "lifetime's signals in another order, the control), or a fixed policy: fixed_a (free "
         "labels only), greedy_b (buy until the budget is spent), paced_b (unsure inputs at a steady pace), "
         "random, bandit (EXP3 over observing and buying).",
     )

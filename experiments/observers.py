@@ -36,6 +36,9 @@ from forkpop.population.genome import Genome, GenomeSpec
 from forkpop.population.world import World
 from forkpop.workers.classification import ClassificationWorld
 
+# A world's figures are recorded as lm.<name> (the text world's), except those a world names itself.
+NAMESPACED = ("budget.",)
+
 
 @dataclass
 class GenerationRecord:
@@ -80,7 +83,13 @@ class GenerationRecord:
         m.update({f"time_{k}": v for k, v in self.seconds.items()})
         m.update({f"gene.{k}": v for k, v in self.genes.items() if math.isfinite(v)})
         m.update({f"div.{k}": v for k, v in self.diversity.items() if math.isfinite(v)})
-        m.update({f"lm.{k}": v for k, v in self.world.items() if isinstance(v, (int, float)) and math.isfinite(v)})
+        m.update(
+            {
+                k if k.startswith(NAMESPACED) else f"lm.{k}": v
+                for k, v in self.world.items()
+                if isinstance(v, (int, float)) and math.isfinite(v)
+            }
+        )
         return m
 
     @classmethod

@@ -60,3 +60,28 @@ def test_a_bad_budget_policy_is_one_line(tmp_path):
         capture_output=True, text=True, cwd=tmp_path, timeout=120,
     )  # fmt: skip
     assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1 and "budget.policy" in out.stderr
+
+
+def test_the_abm_study_smoke_writes_its_table(tmp_path, tracking_uri):
+    """`forkpop study abm` on one partition, one generation, 4 variants: the issue's study.json."""
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-m", "forkpop.experiments.cli", "study", "abm", "--out", str(tmp_path / "abm"),
+         "--partitions", "0", "--quiet", "--tracking-uri", tracking_uri,
+         *[a for s in ["run.generations=1", "data.n_niches=4", "population.size=4", "selection.k=2",
+                       "distill.steps=10", f"run.run_dir={tmp_path}"] for a in ("--set", s)]],
+        capture_output=True, text=True, cwd=tmp_path, timeout=600,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    study = json.loads((tmp_path / "abm" / "study.json").read_text())
+    policies = {"fixed_a", "greedy_b", "paced_b", "random", "bandit", "evolved_m", "shuffled_m"}
+    assert set(study["budgets"]) == {"0.05", "0.1"}
+    for b in ("0.05", "0.1"):
+        assert set(study["budgets"][b]) == policies
+        assert all(len(v) == 1 and 0 <= v[0] <= 1 for v in study["budgets"][b].values())
+        assert 0 <= study["late_budget_share"][b] <= 1 and study["switches_median"][b] >= 0
+        assert 0.5 < study["pooled_reference"][b] <= 1
+    assert len(study["runs"]) == 14 and all(r["mlflow_run_id"] for r in study["runs"])
+    assert "| 0.1 | pooled reference |" in out.stdout

@@ -11,6 +11,7 @@ which the run records. The test split's labels never pass through it: they are r
 
 from __future__ import annotations
 
+import warnings
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -148,3 +149,76 @@ def budget_labels(share: float, niche_size: int) -> int:
     if share < 0:
         raise ValueError(f"budget.share must be >= 0 (got {share})")
     return 0 if share == 0 else max(1, int(round(share * niche_size)))
+
+
+# -- a one-learner reference (scikit-learn's logistic regression, refit on what it holds) -----
+
+
+REFERENCE_POLICIES = ("fixed_a", "greedy_b", "paced_b", "random")
+
+
+def fit_reference(x: np.ndarray, y: np.ndarray):
+    from sklearn.linear_model import LogisticRegression
+
+    if len(np.unique(y)) < 2:
+        return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return LogisticRegression(max_iter=500, C=1.0).fit(x, y)
+
+
+def _margin(model, x: np.ndarray) -> float:
+    if model is None:
+        return 0.0
+    p = np.sort(model.predict_proba(x[None])[0])
+    return float(p[-1] - (p[-2] if len(p) > 1 else 0.0))
+
+
+def reference_stream(policy: str, x, labels, stream, budget: int, seed: list[int], ledger: LabelLedger, reader):
+    """One logistic regression's pass over ``stream`` with ``policy`` (``fixed_a``, ``greedy_b``,
+    ``paced_b``: the least confident input of each stretch of len(stream) / budget arrivals,
+    ``random``); returns the labelled rows it ends with. ``seed``
+    draws the free labels' positions (the same for every policy and budget) and, apart, the
+    random policy's choices."""
+    free_rng, rng = np.random.default_rng([*seed, 1]), np.random.default_rng([*seed, 2])
+    oracle = Oracle(labels, stream, budget if policy != "fixed_a" else 0, 0.01, free_rng, ledger, reader)
+    held: dict[int, int] = {}
+    model = None
+    n = len(stream)
+    stretch = max(1, n // max(budget, 1))
+    best_pos, best_margin = -1, np.inf
+    for t, row in enumerate(stream):
+        lab = oracle.free(t)
+        if lab is not None:
+            held[int(row)] = lab
+        elif policy == "greedy_b" and oracle.left > 0:
+            held[int(row)] = oracle.query(t)
+        elif policy == "random" and oracle.left > 0 and rng.random() < budget / n:
+            held[int(row)] = oracle.query(t)
+        elif policy == "paced_b":
+            m = _margin(model, x[row])
+            if m < best_margin:
+                best_pos, best_margin = t, m
+            if (t + 1) % stretch == 0 and oracle.left > 0 and best_pos >= 0:
+                held[int(stream[best_pos])] = oracle.query(best_pos)
+                best_pos, best_margin = -1, np.inf
+        if lab is not None or (policy != "fixed_a" and oracle.spent_at and oracle.spent_at[-1] == t):
+            rows = np.fromiter(held, dtype=np.int64)
+            model = fit_reference(x[rows], labels[rows])
+        elif policy == "paced_b" and (t + 1) % stretch == 0:
+            rows = np.fromiter(held, dtype=np.int64)
+            model = fit_reference(x[rows], labels[rows]) if len(rows) else None
+    assert oracle.spent <= budget
+    return np.fromiter(held, dtype=np.int64)
+
+
+def reference_accuracy(data, share: float, policy: str = "paced_b", phases: int = 2, seed: int = 0) -> float:
+    """Test accuracy of one logistic regression over one drifting stream of the whole pool,
+    buying ``share`` of it with ``policy``: the pooled reference of the label-budget study (the
+    test split is read only for this report)."""
+    rows = np.concatenate(list(data.niches))
+    stream = drift_order(data.y_pool, rows, phases, np.random.default_rng([seed, 99]))
+    held = reference_stream(policy, data.x_pool, data.y_pool, stream, budget_labels(share, len(stream)), [seed, 99],
+                            LabelLedger(), "pooled")  # fmt: skip
+    model = fit_reference(data.x_pool[held], data.y_pool[held])
+    return float((model.predict(data.x_test) == data.y_test).mean()) if model is not None else 0.0

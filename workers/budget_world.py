@@ -26,7 +26,7 @@ from forkpop.workers.classification import ClassificationWorld
 from forkpop.workers.data import DataBundle, load_data
 from forkpop.workers.learner import ForkTask, LearnerSpec, LearnResult
 
-POLICY_NAMES = ("evolved", *POLICIES)
+POLICY_NAMES = ("evolved", "shuffled_m", *POLICIES)
 
 
 @dataclass(frozen=True)
@@ -72,7 +72,7 @@ class BudgetLearner:
         return {"device": "cpu", "engine": "budget", "reason": "", "kernel": "torch", "kernel_reason": ""}
 
     def policy(self, genome: dict[str, float]) -> Any:
-        if self.spec.policy == "evolved":
+        if self.spec.policy in ("evolved", "shuffled_m"):
             return Controller.from_genome(genome)
         return POLICIES[self.spec.policy]()
 
@@ -90,9 +90,17 @@ class BudgetLearner:
                 self.data.y_pool, stream, budget_labels(self.spec.share, len(stream)), self.spec.free, rng, ledger,
                 task.variant_id,
             )  # fmt: skip
+            lr = float(task.genome.get("lr", 0.05))
+            fed = None
+            if self.spec.policy == "shuffled_m":  # M sees its own lifetime's signals, in another order
+                dry_rng = np.random.default_rng([task.seed, 11])
+                dry = Oracle(self.data.y_pool, stream, oracle.budget, self.spec.free, dry_rng, LabelLedger(), "dry")
+                m = Controller.from_genome(task.genome)
+                first = live(self.model, w, self.x_pool, dry, m, self.probe, dry_rng, lr=lr, replay=self.spec.replay)
+                fed = first.signals[np.random.default_rng([task.seed, 13]).permutation(len(stream))]
             lt = live(
                 self.model, w, self.x_pool, oracle, self.policy(task.genome), self.probe, rng,
-                lr=float(task.genome.get("lr", 0.05)), replay=self.spec.replay,
+                lr=lr, replay=self.spec.replay, fed_signals=fed,
             )  # fmt: skip
             counts = ledger.counts()
             from forkpop.population.models import load_flat_weights
@@ -130,6 +138,10 @@ class BudgetWorld(ClassificationWorld):
     def learner_spec(self) -> BudgetLearnerSpec:
         return self.budget_spec
 
+    def measure(self, result: Any) -> dict[str, Any]:
+        figures = measure_lifetimes(result.evals.results)
+        return {"world": figures} if figures else {}
+
     def labels(self, split: str) -> torch.Tensor | None:
         """Only the validation split's labels (selection's evidence, counted); the niches' are
         the oracle's."""
@@ -146,6 +158,28 @@ class BudgetWorld(ClassificationWorld):
             # what selection and elitism read (once, the whole run); variants' reads are in their metrics
             "labels": {"validation": len(d.y_val), "acceptance": accept, "test_read_for_selection": 0},
         }  # fmt: skip
+
+
+def _median(values: list[float]) -> float:
+    return float(np.median(values)) if values else float("nan")
+
+
+def measure_lifetimes(results: list[Any]) -> dict[str, float]:
+    """A generation's figures of its forks' lifetimes (``budget.*``): the median share of the
+    budget spent after the stream's midpoint (of forks that spent any), the median switches,
+    the labels bought and given free, and the mean share of arrivals observed."""
+    rs = [r for r in results if "budget.labels_bought" in getattr(r, "metrics", {})]
+    if not rs:
+        return {}
+    m = [r.metrics for r in rs]
+    return {
+        "budget.late_share": _median([x["budget.late_share"] for x in m if x["budget.labels_bought"] > 0]),
+        "budget.switches": _median([x["budget.switches"] for x in m]),
+        "budget.labels_bought": float(sum(x["budget.labels_bought"] for x in m)),
+        "budget.labels_free": float(sum(x["budget.labels_free"] for x in m)),
+        "budget.spent_share": float(np.mean([x["budget.labels_bought"] / max(x["budget.budget"], 1) for x in m])),
+        "budget.observe_share": float(np.mean([x["budget.observe_share"] for x in m])),
+    }
 
 
 def budget_world(cfg: Any) -> BudgetWorld:

@@ -1,0 +1,109 @@
+"""``forkpop study abm``: System M evolved against fixed policies, at two budgets, paired partitions.
+
+Every policy runs the bundled ``abm`` config (the label-budget world) on the same partitions
+(``data.seed``) and budgets (``budget.share`` 0.05 and 0.1): ``fixed_a``, ``greedy_b``,
+``paced_b``, ``random``, ``bandit``, ``evolved_m`` (System M, the ``m_*`` genes evolved) and
+``shuffled_m`` (the same, with M fed its own lifetime's signals in another order: the control
+that M uses its signals' timing). ``DIR/study.json`` holds, per budget and policy, the final
+seed's test accuracy per partition (reported only), the evolved forks' median share of budget
+spent after their stream's midpoint and median switches (last generation), and the pooled
+reference: one logistic regression over the whole pool with the same share, margin queries
+paced over the stream (:func:`forkpop.workers.budget.reference_accuracy`).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+BUDGETS = (0.05, 0.1)
+POLICIES = ("fixed_a", "greedy_b", "paced_b", "random", "bandit", "evolved_m", "shuffled_m")
+CONFIG_POLICY = {"evolved_m": "evolved"}
+
+
+def run_study(
+    out: Path,
+    partitions: list[int],
+    overrides: list[str],
+    tracking_uri: str | None = None,
+    budgets: tuple[float, ...] = BUDGETS,
+    progress: bool = True,
+) -> dict[str, Any]:
+    from forkpop.experiments.config import load_config
+    from forkpop.experiments.specs import data_spec
+    from forkpop.workers.budget import reference_accuracy
+    from forkpop.workers.data import load_data
+
+    import forkpop
+
+    base = str(Path(__file__).parent / "configs" / "abm.yaml")
+    acc: dict[str, dict[str, list[float]]] = {str(b): {p: [] for p in POLICIES} for b in budgets}
+    late: dict[str, list[float]] = {str(b): [] for b in budgets}
+    switches: dict[str, list[float]] = {str(b): [] for b in budgets}
+    pooled: dict[str, list[float]] = {str(b): [] for b in budgets}
+    runs: list[dict[str, Any]] = []
+    t0 = time.perf_counter()
+    for b in budgets:
+        for part in partitions:
+            common = [f"budget.share={b}", f"data.seed={part}", *overrides]
+            for policy in POLICIES:
+                sets = [*common, f"budget.policy={CONFIG_POLICY.get(policy, policy)}"]
+                r = forkpop.run(base, overrides=sets, backend="local", tracking_uri=tracking_uri)
+                s = r.summary
+                acc[str(b)][policy].append(float(s["seed_test_accuracy"]))
+                world = s["history"][-1].get("world", {})
+                if policy == "evolved_m":
+                    late[str(b)].append(float(world.get("budget.late_share", float("nan"))))
+                    switches[str(b)].append(float(world.get("budget.switches", float("nan"))))
+                runs.append({"budget": b, "partition": part, "policy": policy, "run_dir": str(r.run_dir),
+                             "mlflow_run_id": s.get("mlflow_run_id"), "seed_test_accuracy": s["seed_test_accuracy"],
+                             "world": world})  # fmt: skip
+                if progress:
+                    print(
+                        f"[{time.perf_counter() - t0:6.0f}s] budget {b} data.seed {part} {policy:>10}: "
+                        f"seed test {s['seed_test_accuracy']:.4f}",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+            cfg = load_config(base, common)
+            pooled[str(b)].append(reference_accuracy(load_data(data_spec(cfg)), b, "paced_b", cfg.budget.phases, part))
+    study = {
+        "budgets": acc,
+        "late_budget_share": {k: float(np.nanmedian(v)) if v else float("nan") for k, v in late.items()},
+        "switches_median": {k: float(np.nanmedian(v)) if v else float("nan") for k, v in switches.items()},
+        "pooled_reference": {k: float(np.mean(v)) for k, v in pooled.items()},
+        "pooled_reference_per_partition": pooled,
+        "partitions": partitions,
+        "overrides": overrides,
+        "runs": runs,
+        "seconds": time.perf_counter() - t0,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "study.json").write_text(json.dumps(study, indent=1))
+    return study
+
+
+def format_table(study: dict[str, Any]) -> str:
+    lines = ["| budget | policy | seed test accuracy (mean ± sd) | per partition |", "|---|---|---|---|"]
+    for b, pols in study["budgets"].items():
+        for p, v in pols.items():
+            sd = float(np.std(v, ddof=1)) if len(v) > 1 else 0.0
+            lines.append(f"| {b} | {p} | {np.mean(v):.4f} ± {sd:.4f} | {' '.join(f'{x:.4f}' for x in v)} |")
+        lines.append(
+            f"| {b} | pooled reference | {study['pooled_reference'][b]:.4f} | "
+            f"late share {study['late_budget_share'][b]:.2f}, switches {study['switches_median'][b]:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def cmd_abm_study(args: Any) -> int:
+    partitions = [int(x) for x in args.partitions.split(",")] if args.partitions else [0, 1, 2, 3, 4]
+    study = run_study(Path(args.out), partitions, list(args.set), args.tracking_uri, progress=not args.quiet)
+    print(format_table(study))
+    print(f"study: {Path(args.out) / 'study.json'} ({study['seconds']:.0f} s)")
+    return 0
