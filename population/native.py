@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -164,7 +165,8 @@ def native_layout(model: nn.Module) -> tuple | None:
     )
 
 
-def _ptr(t: torch.Tensor, ctype: type) -> ctypes._Pointer:
+def ptr(t: torch.Tensor, ctype: type) -> ctypes._Pointer:
+    """A ctypes pointer to ``t``'s first element (``t`` contiguous, of ``ctype``'s width)."""
     return ctypes.cast(t.data_ptr(), ctypes.POINTER(ctype))
 
 
@@ -173,16 +175,17 @@ def distill(
     init: torch.Tensor,
     x: torch.Tensor,
     target: torch.Tensor,
-    idx: torch.Tensor,
+    batches: Callable[[], torch.Tensor],
     temperature: float,
     lr: float,
     probe: tuple[torch.Tensor, torch.Tensor] | None,
     eval_every: int,
 ) -> tuple[torch.Tensor, list[float]] | None:
     """The native kernel's distillation (``fp_distill``): Adam on the soft targets ``target``
-    of the transfer set ``x`` over the mini-batches ``idx`` ``(steps, batch)``; the student's
-    weights and the loss per step, as :func:`forkpop.selection.distill.distill` defines them.
-    None where the kernel does not run here or does not take ``model``."""
+    of the transfer set ``x`` over the mini-batches ``batches()`` draws ``(steps, batch)``; the
+    student's weights and the loss per step, as :func:`forkpop.selection.distill.distill`
+    defines them. None, with nothing drawn, where the kernel does not run here or does not
+    take ``model``."""
     layout = native_layout(model)
     tensors = (init, x, target) + (probe[0],) if probe is not None else (init, x, target)
     if layout is None or any(t.dtype != torch.float32 or t.device.type != "cpu" for t in tensors):
@@ -193,7 +196,7 @@ def distill(
     dims, acts, slope, bias = layout
     w = init.detach().to(torch.float32).contiguous().clone()
     x, target = x.contiguous(), target.contiguous()
-    idx = idx.to(torch.int64).contiguous()
+    idx = batches().to(torch.int64).contiguous()
     steps, bs = idx.shape
     keep = eval_every > 0 and probe is not None
     px = probe[0].contiguous() if keep else torch.zeros(1, x.shape[1])
@@ -201,9 +204,9 @@ def distill(
     losses = np.zeros(max(1, steps), dtype=np.float64)
     rc = lib.fp_distill(
         len(dims) - 1, dims, acts, slope, bias,
-        _ptr(w, ctypes.c_float), _ptr(x, ctypes.c_float), _ptr(target, ctypes.c_float), _ptr(idx, ctypes.c_int64),
+        ptr(w, ctypes.c_float), ptr(x, ctypes.c_float), ptr(target, ctypes.c_float), ptr(idx, ctypes.c_int64),
         steps, bs, temperature, lr,
-        _ptr(px, ctypes.c_float), _ptr(py, ctypes.c_int64), len(py) if keep else 0, eval_every if keep else 0,
+        ptr(px, ctypes.c_float), ptr(py, ctypes.c_int64), len(py) if keep else 0, eval_every if keep else 0,
         losses.ctypes.data_as(ctypes.POINTER(ctypes.c_double)),
     )  # fmt: skip
     if rc == -2:

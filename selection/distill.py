@@ -117,16 +117,15 @@ def distill(
     if extra is not None:  # inputs whose soft targets are fixed already (earlier generations' labels)
         transfer_x = torch.cat([transfer_x, extra[0]])
         target = torch.cat([target, extra[1].to(target.dtype)])
-    state = generator.get_state()
-    if kernel != "torch":
+    if kernel != "torch" and steps > 0:
         n, bs = len(transfer_x), min(batch_size, len(transfer_x))
-        # the same draws as the loops below take, one batch per step
-        idx = torch.stack([torch.randint(n, (bs,), generator=generator) for _ in range(steps)]) if steps else None
-        if idx is not None:
-            got = native.distill(model, init, transfer_x, target, idx, temperature, lr, probe, eval_every)
-            if got is not None:
-                return got
-            generator.set_state(state)  # not taken: the loops draw the same batches again
+
+        def batches() -> torch.Tensor:  # the same draws as the loops below take, one batch per step
+            return torch.stack([torch.randint(n, (bs,), generator=generator) for _ in range(steps)])
+
+        got = native.distill(model, init, transfer_x, target, batches, temperature, lr, probe, eval_every)
+        if got is not None:
+            return got
     shapes = _relu_mlp_shapes(model)
     if shapes is not None and transfer_x.dtype == target.dtype == init.dtype == torch.float32:
         return _distill_relu_mlp(

@@ -165,10 +165,8 @@ def live(
     stream = oracle.stream
     n = len(stream)
     xs = x[torch.from_numpy(stream)]
-    c = None
     held_x: list[torch.Tensor] = []
     held_y: list[int] = []
-    seen = torch.empty(0, x.shape[1])
     dist_mean, surprise = 1.0, 0.0
     with torch.no_grad():
         probe_p = F.softmax(model(probe), 1)
@@ -179,15 +177,13 @@ def live(
         xi = xs[t : t + 1]
         with torch.no_grad():
             p = F.softmax(model(xi), 1)[0]
-        c = c or p.numel()
         top = torch.topk(p, 2).values
-        if len(seen):
-            d = float(torch.cdist(xi, seen).min())
+        if t:  # the inputs seen so far are the stream's first t
+            d = float(torch.cdist(xi, xs[:t]).min())
             novelty = min(1.0, d / (2 * dist_mean))
-            dist_mean += (d - dist_mean) / len(seen)
+            dist_mean += (d - dist_mean) / t
         else:
             novelty = 1.0
-        seen = torch.cat([seen, xi])
         s = {
             "margin": float(top[0] - top[1]),
             "novelty": novelty,
@@ -201,7 +197,7 @@ def live(
         if label is not None:
             mode, weight = "F", 1.0
             with torch.no_grad():
-                surprise = min(1.0, float(-torch.log(p[label].clamp_min(1e-12))) / math.log(c))
+                surprise = min(1.0, float(-torch.log(p[label].clamp_min(1e-12))) / math.log(len(p)))
         else:
             seen_s = s if fed_signals is None else dict(zip(SIGNALS, map(float, fed_signals[t]), strict=True))
             act = oracle.left > 0 and policy(seen_s, t, n, oracle, rng)

@@ -177,9 +177,9 @@ def _margin(model, x: np.ndarray) -> float:
 def reference_stream(policy: str, x, labels, stream, budget: int, seed: list[int], ledger: LabelLedger, reader):
     """One logistic regression's pass over ``stream`` with ``policy`` (``fixed_a``, ``greedy_b``,
     ``paced_b``: the least confident input of each stretch of len(stream) / budget arrivals,
-    ``random``); returns the labelled rows it ends with. ``seed``
-    draws the free labels' positions (the same for every policy and budget) and, apart, the
-    random policy's choices."""
+    ``random``), refit whenever it gains a label; returns the labelled rows it ends with.
+    ``seed`` draws the free labels' positions (the same for every policy and budget) and,
+    apart, the random policy's choices."""
     free_rng, rng = np.random.default_rng([*seed, 1]), np.random.default_rng([*seed, 2])
     oracle = Oracle(labels, stream, budget if policy != "fixed_a" else 0, 0.01, free_rng, ledger, reader)
     held: dict[int, int] = {}
@@ -188,6 +188,7 @@ def reference_stream(policy: str, x, labels, stream, budget: int, seed: list[int
     stretch = max(1, n // max(budget, 1))
     best_pos, best_margin = -1, np.inf
     for t, row in enumerate(stream):
+        before = len(held)
         lab = oracle.free(t)
         if lab is not None:
             held[int(row)] = lab
@@ -202,12 +203,9 @@ def reference_stream(policy: str, x, labels, stream, budget: int, seed: list[int
             if (t + 1) % stretch == 0 and oracle.left > 0 and best_pos >= 0:
                 held[int(stream[best_pos])] = oracle.query(best_pos)
                 best_pos, best_margin = -1, np.inf
-        if lab is not None or (policy != "fixed_a" and oracle.spent_at and oracle.spent_at[-1] == t):
+        if len(held) > before:  # refit on what it holds now
             rows = np.fromiter(held, dtype=np.int64)
             model = fit_reference(x[rows], labels[rows])
-        elif policy == "paced_b" and (t + 1) % stretch == 0:
-            rows = np.fromiter(held, dtype=np.int64)
-            model = fit_reference(x[rows], labels[rows]) if len(rows) else None
     assert oracle.spent <= budget
     return np.fromiter(held, dtype=np.int64)
 

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 from forkpop.population.forking import perturb_weights
-from forkpop.population.models import accuracy
+from forkpop.population.models import accuracy, load_flat_weights
 from forkpop.workers.abm import POLICIES, Controller, live
 from forkpop.workers.budget import LabelLedger, Oracle, budget_labels, drift_order
 from forkpop.workers.classification import ClassificationWorld
@@ -103,8 +103,6 @@ class BudgetLearner:
                 lr=lr, replay=self.spec.replay, fed_signals=fed,
             )  # fmt: skip
             counts = ledger.counts()
-            from forkpop.population.models import load_flat_weights
-
             val = accuracy(load_flat_weights(self.model, lt.weights), self.x_val, self.y_val)
             results.append(
                 LearnResult(

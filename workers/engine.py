@@ -43,7 +43,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from forkpop.population.models import linear_chain
-from forkpop.population.native import native_layout
+from forkpop.population.native import native_layout, ptr
 from torch import nn
 
 # A loss this many times its first value means the variant has diverged, NaN or not.
@@ -106,6 +106,14 @@ def plan_engine(model: nn.Module, n_features: int, n_classes: int) -> EnginePlan
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         return EnginePlan("loop", f"torch.func cannot batch {type(model).__name__}: {msg}")
     return EnginePlan("vmap")
+
+
+def diverged_reason(step: int, loss: float, first: float) -> str:
+    """Why a variant was stopped at ``step``: its loss there was not finite, or exploded past
+    :data:`EXPLODED` times ``first`` (its first loss, at least 1e-3)."""
+    if not math.isfinite(loss):
+        return f"non-finite loss at step {step}"
+    return f"loss exploded to {loss:.3g} at step {step} (first {first:.3g})"
 
 
 # -- stacked parameters: two implementations of one interface ----------------------------------
@@ -635,42 +643,27 @@ class BatchedEngine:
         death = np.full(n, -1, dtype=np.int64)
         y = y_pool.to(torch.int64).contiguous()
         dims, acts, slope, bias = layout
-        f32, i32, i64 = (ctypes.POINTER(t) for t in (ctypes.c_float, ctypes.c_int32, ctypes.c_int64))
-        row_bytes = final.shape[1] * 4
-        base = final.data_ptr()
-        x_p = ctypes.cast(self.x_pool.data_ptr(), f32)
-        y_p = ctypes.cast(y.data_ptr(), i64)
-        table_p = ctypes.cast(self.table.data_ptr(), i64)
-        cnt_p = ctypes.cast(self.table_cnt.data_ptr(), i64)
+        f32, i32 = ctypes.POINTER(ctypes.c_float), ctypes.POINTER(ctypes.c_int32)
+        x_p, y_p = ptr(self.x_pool, ctypes.c_float), ptr(y, ctypes.c_int64)
+        table_p, cnt_p = ptr(self.table, ctypes.c_int64), ptr(self.table_cnt, ctypes.c_int64)
 
         def one(i: int) -> None:
             lr, mom, wd, clip = (float(v) for v in hyper[:, i])
             death[i] = lib.fp_train_variant(
                 len(dims) - 1, dims, acts, slope, bias,
-                ctypes.cast(base + i * row_bytes, f32), x_p, y_p, table_p, cnt_p, self.batch_size,
+                ptr(final[i], ctypes.c_float), x_p, y_p, table_p, cnt_p, self.batch_size,
                 int(off_s[i]), int(nb_s[i]), int(steps_s[i]),
                 lr, mom, wd, clip, EXPLODED,
                 loss[i].ctypes.data_as(f32), hits[i].ctypes.data_as(i32),
             )  # fmt: skip
 
-        threads = max(1, torch.get_num_threads())
-        if threads == 1 or n == 1:
-            for i in range(n):
-                one(i)
-        else:
-            with ThreadPoolExecutor(min(threads, n), thread_name_prefix="forkpop-native") as pool:
-                list(pool.map(one, range(n)))
+        _in_threads([partial(one, i) for i in range(n)], torch.get_num_threads())
         if (death == -2).any():
             raise MemoryError("the native kernel could not allocate a variant's buffers")
         reasons: dict[int, str] = {}
         for i in np.nonzero(death >= 0)[0].tolist():
-            t, lv = int(death[i]), float(loss[i, death[i]])
-            first = max(float(loss[i, 0]), 1e-3)
-            reasons[i] = (
-                f"non-finite loss at step {t}"
-                if not math.isfinite(lv)
-                else f"loss exploded to {lv:.3g} at step {t} (first {first:.3g})"
-            )
+            t = int(death[i])
+            reasons[i] = diverged_reason(t, float(loss[i, t]), max(float(loss[i, 0]), 1e-3))
             loss[i, t:] = np.nan
             hits[i, t:] = 0
         with torch.no_grad():
@@ -779,13 +772,7 @@ class BatchedEngine:
                     bad &= ~dead_k
                     for i in torch.nonzero(bad).flatten().tolist():
                         death[i] = t
-                        lv = float(loss[i])
-                        first = float(thr[i]) / EXPLODED
-                        reasons[i] = (
-                            f"non-finite loss at step {t}"
-                            if not math.isfinite(lv)
-                            else f"loss exploded to {lv:.3g} at step {t} (first {first:.3g})"
-                        )
+                        reasons[i] = diverged_reason(t, float(loss[i]), float(thr[i]) / EXPLODED)
                         snapshots[i] = torch.cat([p[i].reshape(-1) for p in params])
                     dead_k |= bad
                 if not fused:

@@ -20,6 +20,7 @@ from forkpop.workers.engine import (
     EXPLODED,
     BatchedEngine,
     EnginePlan,
+    diverged_reason,
     online_accuracy,
     plan_engine,
     resolve_device,
@@ -385,14 +386,10 @@ class GroupLearner:
                 loss = F.cross_entropy(logits, y)
                 hit = int((logits.detach().argmax(1) == y).sum())
                 lv = float(loss.detach())
-                if not math.isfinite(lv):
-                    result.status, result.reason = "diverged", f"non-finite loss at step {len(result.loss)}"
+                if not math.isfinite(lv) or (result.loss and lv > EXPLODED * max(result.loss[0], 1e-3)):
+                    first = result.loss[0] if result.loss else lv
+                    result.status, result.reason = "diverged", diverged_reason(len(result.loss), lv, first)
                     unlearned = len(y)
-                    break
-                if result.loss and lv > EXPLODED * max(result.loss[0], 1e-3):
-                    unlearned = len(y)
-                    result.status = "diverged"
-                    result.reason = f"loss exploded to {lv:.3g} at step {len(result.loss)} (first {result.loss[0]:.3g})"
                     break
                 grads = torch.autograd.grad(loss, params)
                 if clip > 0:  # as torch.nn.utils.clip_grad_norm_: the global norm at most ``clip``
