@@ -37,6 +37,7 @@ def run_study(
     from forkpop.experiments.config import load_config
     from forkpop.experiments.specs import data_spec
     from forkpop.workers.budget import reference_accuracy
+    from forkpop.workers.budget_world import world_deal
     from forkpop.workers.data import load_data
 
     import forkpop
@@ -71,7 +72,9 @@ def run_study(
                         flush=True,
                     )
             cfg = load_config(base, common)
-            pooled[str(b)].append(reference_accuracy(load_data(data_spec(cfg)), b, "paced_b", cfg.budget.phases, part))
+            data = load_data(data_spec(cfg))
+            deal = world_deal(data, cfg.budget.phases, part) if cfg.budget.deal == "world" else None
+            pooled[str(b)].append(reference_accuracy(data, b, "paced_b", cfg.budget.phases, part, deal))
     study = {
         "budgets": acc,
         "late_budget_share": {k: float(np.nanmedian(v)) if v else float("nan") for k, v in late.items()},

@@ -30,17 +30,33 @@ def _text_lines(s: Any) -> list[str]:
     return out
 
 
+def _env_lines(s: Any) -> list[str]:
+    """The environment world's table: greedy returns on the reported episodes, not accuracy."""
+    w = s.world
+    return [
+        f"{'model':<18} {'test return':>13}",
+        f"{'final seed':<18} {s.seed_test_accuracy:>13.1f}",
+        f"{'best individual':<18} {s.best_individual_test_accuracy:>13.1f}",
+        f"{'median variant':<18} {w.get('env.median_return', NAN):>13.1f}",
+        f"System M: median {w.get('env.switches', NAN):.0f} switches per lifetime, "
+        f"{w.get('env.observe_share', NAN):.0%} of the steps observing",
+    ]
+
+
 def closing_table(s: Any) -> str:
     """A :class:`RunSummary` as the lines ``forkpop run`` ends with."""
     if s.world and "test_bpb" in s.world:
         return "\n".join(_text_lines(s))
-    out = [f"{'model':<18} {'test accuracy':>13}"]
-    for name, acc in (
-        ("final seed", s.seed_test_accuracy),
-        ("best individual", s.best_individual_test_accuracy),
-        ("top-k ensemble", s.ensemble_test_accuracy),
-    ):
-        out.append(f"{name:<18} {acc:>13.4f}")
+    if s.world and "env.median_return" in s.world:
+        out = _env_lines(s)
+    else:
+        out = [f"{'model':<18} {'test accuracy':>13}"]
+        for name, acc in (
+            ("final seed", s.seed_test_accuracy),
+            ("best individual", s.best_individual_test_accuracy),
+            ("top-k ensemble", s.ensemble_test_accuracy),
+        ):
+            out.append(f"{name:<18} {acc:>13.4f}")
     out.append(f"{'wall time':<18} {s.wall_seconds:>12.1f}s")
     if s.poisoned_niches:
         line = (

@@ -445,6 +445,11 @@ class BudgetConfig(_Strict):
     share: float = Field(0.05, ge=0, le=1, description="Labels a lifetime may buy, as a share of its niche.")
     free: float = Field(0.01, ge=0, le=1, description="Share of a niche's labels that arrive free.")
     phases: int = Field(2, ge=1, description="Phases of a niche's drifting class mix (1: no drift).")
+    deal: Literal["world", "niche"] = Field(
+        "world",
+        description="How classes are dealt into phases: world (one deal for every niche, the world drifts as a "
+        "whole and each niche's phases change at their own time) or niche (a deal per niche).",
+    )
     policy: Literal["evolved", "shuffled_m", "fixed_a", "greedy_b", "paced_b", "random", "bandit"] = Field(
         "evolved",
         description="When to buy: evolved (System M, the genome's m_* genes; shuffled_m: M fed its own "
@@ -455,6 +460,23 @@ class BudgetConfig(_Strict):
     replay: int = Field(
         16, ge=1, description="Mini-batch of a labelled arrival: it and earlier labels drawn at random."
     )
+
+
+class EnvConfig(_Strict):
+    """The environment world (``data.world: env``): policies living in a gymnasium environment."""
+
+    id: str = Field("CartPole-v1", description="A gymnasium environment with discrete actions (classic control).")
+    lifetime_steps: int = Field(5000, ge=1, description="Environment steps of a variant's lifetime.")
+    eval_episodes: int = Field(5, ge=1, description="Greedy episodes of fitness (seeds only selection uses).")
+    accept_episodes: int = Field(20, ge=2, description="Greedy episodes elitism compares a student and its seed on.")
+    report_episodes: int = Field(10, ge=1, description="Greedy episodes of the reported returns (never selection's).")
+    gamma: float = Field(0.99, gt=0, le=1, description="Discount of the returns a variant that acts learns from.")
+    policy: Literal["evolved", "act", "observe", "random"] = Field(
+        "evolved",
+        description="How a lifetime's episodes are spent: evolved (System M, the m_* genes), or fixed: act "
+        "(System B, REINFORCE on its own episodes), observe (System A, imitating the seed's), random.",
+    )
+    probe_states: int = Field(256, ge=8, description="Fixed states (random actions) learning progress is read on.")
 
 
 class LMConfig(_Strict):
@@ -535,6 +557,7 @@ class ExperimentConfig(_Strict):
     tracking: TrackingConfig = TrackingConfig()
     lm: LMConfig = LMConfig()
     budget: BudgetConfig = BudgetConfig()
+    env: EnvConfig = EnvConfig()
 
     @model_validator(mode="after")
     def _consistent(self) -> ExperimentConfig:

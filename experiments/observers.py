@@ -37,7 +37,7 @@ from forkpop.population.world import World
 from forkpop.workers.classification import ClassificationWorld
 
 # A world's figures are recorded as lm.<name> (the text world's), except those a world names itself.
-NAMESPACED = ("budget.",)
+NAMESPACED = ("budget.", "env.")
 
 
 @dataclass

@@ -345,7 +345,7 @@ class PopulationRun:
             tracking_uri=self.tracking_uri,
             run_dir=str(self.run_dir.resolve()),
             seed_val_accuracy=last.seed_val_accuracy,
-            history=[asdict(h) for h in history],
+            history=[history_item(h) for h in history],
             seconds=totals,
             poisoned_niches=list(world.poisoned()),
             poisoned_teachers=sum(h.poisoned_teachers for h in history),
@@ -526,6 +526,17 @@ def _report(
     history.append(record)
     for k, v in secs.items():
         totals[k] = totals.get(k, 0.0) + v
+
+
+def history_item(record: GenerationRecord) -> dict[str, Any]:
+    """A generation's record as the summary gives it: its fields, and the world's own figures
+    named by themselves too where they name no field (``env.median_return`` is also
+    ``median_return``)."""
+    item = asdict(record)
+    for k, v in record.world.items():
+        short = k.split(".", 1)[1] if "." in k else k
+        item.setdefault(short, v)
+    return item
 
 
 def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:

@@ -95,6 +95,14 @@ def budget_world(cfg: ExperimentConfig):  # noqa: ANN201 - a BudgetWorld, import
     return build(cfg)
 
 
+def env_world(cfg: ExperimentConfig):  # noqa: ANN201 - an EnvWorld, imported when asked for
+    """The environment world of ``cfg`` (``data.world: env``; see :mod:`forkpop.workers.env_world`)."""
+    from forkpop.workers.env_world import env_world as build
+
+    return build(cfg)
+
+
 register("worlds", "classification", classification_world)
 register("worlds", "text", text_world)
 register("worlds", "budget", budget_world)
+register("worlds", "env", env_world)

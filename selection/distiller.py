@@ -197,3 +197,4 @@ register("distillers", "kd", Distiller)
 
 # The text world's distiller (``lm_kd``) registers itself beside ``kd``.
 from forkpop.selection import lm_distiller  # noqa: E402, F401
+from forkpop.selection import policy_distiller  # noqa: E402, F401 - the environment world's policy_kd

@@ -40,23 +40,28 @@ SIGNALS = ("margin", "novelty", "progress", "surprise", "budget_left", "time")
 
 @dataclass(frozen=True)
 class Controller:
-    """System M: act when ``bias + sum(weights[i] * signal[i]) > 0`` (signals in
-    :data:`SIGNALS` order) and budget is left. Its numbers are genes (``m_bias``,
-    ``m_margin``, ...): mutated, inherited and selected like the others."""
+    """System M: act when ``bias + sum(weights[i] * signal[i]) > 0`` (over ``signals``, by
+    default :data:`SIGNALS`) and budget is left. Its numbers are genes (``m_bias``,
+    ``m_margin``, ...): mutated, inherited and selected like the others. The environment
+    world's M is the same controller over its own signals."""
 
     weights: tuple[float, ...]
     bias: float = 0.0
+    signals: tuple[str, ...] = SIGNALS
 
     def __post_init__(self) -> None:
-        if len(self.weights) != len(SIGNALS):
-            raise ValueError(f"a controller weighs {len(SIGNALS)} signals {SIGNALS}, got {len(self.weights)}")
+        if len(self.weights) != len(self.signals):
+            raise ValueError(f"a controller weighs {len(self.signals)} signals {self.signals}, got {len(self.weights)}")
 
     @classmethod
-    def from_genome(cls, genome: dict[str, float]) -> Controller:
-        return cls(tuple(float(genome.get(f"m_{s}", 0.0)) for s in SIGNALS), float(genome.get("m_bias", 0.0)))
+    def from_genome(cls, genome: dict[str, float], signals: tuple[str, ...] = SIGNALS) -> Controller:
+        return cls(tuple(float(genome.get(f"m_{s}", 0.0)) for s in signals), float(genome.get("m_bias", 0.0)), signals)
+
+    def score(self, s: dict[str, float]) -> float:
+        return self.bias + sum(w * s[k] for w, k in zip(self.weights, self.signals, strict=True))
 
     def __call__(self, s: dict[str, float], t: int, n: int, oracle: Oracle, rng: np.random.Generator) -> bool:
-        return self.bias + sum(w * s[k] for w, k in zip(self.weights, SIGNALS, strict=True)) > 0
+        return self.score(s) > 0
 
 
 Policy = Callable[[dict, int, int, Oracle, np.random.Generator], bool]

@@ -1,8 +1,9 @@
 """The label-budget world's ground: drifting unlabelled streams, the oracle, the label ledger.
 
 A niche of the label-budget world arrives as a stream of inputs whose class mix drifts: its
-classes are dealt into phases (a different deal per niche), and each stretch of the stream
-draws mostly from its phase's classes. Labels are not in the stream. A small share arrives
+classes are dealt into phases (one deal for the whole world by default, the phases' timing
+differing per niche; or a deal per niche), and each stretch of the stream draws mostly from
+its phase's classes. Labels are not in the stream. A small share arrives
 free; every other label is bought from the :class:`Oracle` out of a per-lifetime budget. The
 oracle is the only path to a label, and every label any part of a run reads (free, queried,
 and those of the validation and acceptance splits) is written in the :class:`LabelLedger`,
@@ -21,17 +22,31 @@ import numpy as np
 KINDS = ("free", "query", "validation", "acceptance")
 
 
+def deal_classes(classes: np.ndarray, phases: int, rng: np.random.Generator) -> dict[int, int]:
+    """The phase of each class: ``classes`` dealt at random into ``phases`` groups."""
+    order = rng.permutation(np.asarray(classes))
+    return {int(c): i % phases for i, c in enumerate(order)}
+
+
 def drift_order(
-    labels: np.ndarray, rows: np.ndarray, phases: int, rng: np.random.Generator, purity: float = 1.0
+    labels: np.ndarray,
+    rows: np.ndarray,
+    phases: int,
+    rng: np.random.Generator,
+    purity: float = 1.0,
+    deal: dict[int, int] | None = None,
+    jitter: float = 0.0,
 ) -> np.ndarray:
     """``rows`` (indices into ``labels``) reordered into a drifting stream.
 
-    The classes present are dealt at random into ``phases`` groups; the stream is cut into
-    ``phases`` stretches of equal length, and a stretch takes its samples from its group's
-    classes with probability ``purity`` (from the others otherwise), for as long as either
-    has samples left. The default, 1, is "some classes early, others late": what arrives in
-    one phase says nothing of the next one's classes. Within that, the order is random.
-    ``phases=1`` is a plain shuffle.
+    The classes present are dealt into ``phases`` groups (at random here, or as ``deal``
+    gives: one deal for a whole world, whose niches then drift alike); the stream is cut into
+    ``phases`` stretches, of equal length or, with ``jitter``, each boundary moved by up to
+    ``jitter`` of a stretch (the phases' timing differs per niche), and a stretch takes its
+    samples from its group's classes with probability ``purity`` (from the others
+    otherwise), for as long as either has samples left. The default, 1, is "some classes
+    early, others late": what arrives in one phase says nothing of the next one's classes.
+    Within that, the order is random. ``phases=1`` is a plain shuffle.
     """
     rows = np.asarray(rows, dtype=np.int64)
     if phases < 1:
@@ -41,11 +56,13 @@ def drift_order(
     rows = rows[rng.permutation(len(rows))]
     if phases == 1 or len(rows) == 0:
         return rows
-    classes = rng.permutation(np.unique(labels[rows]))
-    group_of = {int(c): i % phases for i, c in enumerate(classes)}
-    pools = [[int(r) for r in rows if group_of[int(labels[r])] == p] for p in range(phases)]
+    group_of = deal if deal is not None else deal_classes(np.unique(labels[rows]), phases, rng)
+    pools = [[int(r) for r in rows if group_of.get(int(labels[r]), 0) == p] for p in range(phases)]
     out: list[int] = []
-    bounds = np.linspace(0, len(rows), phases + 1).round().astype(int)
+    cuts = np.linspace(0, 1, phases + 1)
+    if jitter > 0:
+        cuts[1:-1] += rng.uniform(-jitter, jitter, phases - 1) / phases
+    bounds = (cuts * len(rows)).round().astype(int)
     for p in range(phases):
         for _ in range(bounds[p + 1] - bounds[p]):
             own = pools[p]
@@ -210,12 +227,15 @@ def reference_stream(policy: str, x, labels, stream, budget: int, seed: list[int
     return np.fromiter(held, dtype=np.int64)
 
 
-def reference_accuracy(data, share: float, policy: str = "paced_b", phases: int = 2, seed: int = 0) -> float:
-    """Test accuracy of one logistic regression over one drifting stream of the whole pool,
-    buying ``share`` of it with ``policy``: the pooled reference of the label-budget study (the
-    test split is read only for this report)."""
+def reference_accuracy(
+    data, share: float, policy: str = "paced_b", phases: int = 2, seed: int = 0, deal: dict[int, int] | None = None
+) -> float:
+    """Test accuracy of one logistic regression over one drifting stream of the whole pool
+    (its classes dealt into phases as ``deal`` gives, the world's, or at random), buying
+    ``share`` of it with ``policy``: the pooled reference of the label-budget study (the test
+    split is read only for this report)."""
     rows = np.concatenate(list(data.niches))
-    stream = drift_order(data.y_pool, rows, phases, np.random.default_rng([seed, 99]))
+    stream = drift_order(data.y_pool, rows, phases, np.random.default_rng([seed, 99]), deal=deal)
     held = reference_stream(policy, data.x_pool, data.y_pool, stream, budget_labels(share, len(stream)), [seed, 99],
                             LabelLedger(), "pooled")  # fmt: skip
     model = fit_reference(data.x_pool[held], data.y_pool[held])

@@ -1,7 +1,7 @@
 """The label-budget world (``data.world: budget``): the classification data, labels bought.
 
 Each niche is an unlabelled stream whose class mix drifts (:func:`forkpop.workers.budget.drift_order`,
-``budget.phases``, a deal per niche fixed by ``data.seed``). A variant's lifetime is one pass
+``budget.phases``, ``budget.deal``, fixed by ``data.seed``). A variant's lifetime is one pass
 over its niche's stream (:func:`forkpop.workers.abm.live`): ``budget.free`` of the labels
 arrive free, and it may buy ``budget.share`` of the niche from the oracle. Its meta-controller
 is ``budget.policy``: ``evolved`` (System M, the genome's ``m_*`` genes) or a fixed policy of
@@ -21,7 +21,7 @@ import torch
 from forkpop.population.forking import perturb_weights
 from forkpop.population.models import accuracy, load_flat_weights
 from forkpop.workers.abm import POLICIES, Controller, live
-from forkpop.workers.budget import LabelLedger, Oracle, budget_labels, drift_order
+from forkpop.workers.budget import LabelLedger, Oracle, budget_labels, deal_classes, drift_order
 from forkpop.workers.classification import ClassificationWorld
 from forkpop.workers.data import DataBundle, load_data
 from forkpop.workers.learner import ForkTask, LearnerSpec, LearnResult
@@ -37,6 +37,7 @@ class BudgetLearnerSpec:
     share: float = 0.05
     free: float = 0.01
     phases: int = 2
+    deal: str = "world"
     policy: str = "evolved"
     replay: int = 16
     probe: int = 64
@@ -48,9 +49,21 @@ class BudgetLearnerSpec:
         return self.base.data
 
 
-def stream_of(data: DataBundle, niche: int, phases: int, seed: int) -> np.ndarray:
-    """Niche ``niche``'s drifting stream: fixed by the partition's seed, the same in every generation."""
-    return drift_order(data.y_pool, data.niches[niche], phases, np.random.default_rng([seed, niche, 7]))
+def world_deal(data: DataBundle, phases: int, seed: int) -> dict[int, int] | None:
+    """The world's one deal of its classes into phases (``budget.deal: world``)."""
+    return deal_classes(np.unique(data.y_pool), phases, np.random.default_rng([seed, 0xDEA1])) if phases > 1 else None
+
+
+def stream_of(
+    data: DataBundle, niche: int, phases: int, seed: int, deal: str = "world", jitter: float = 0.5
+) -> np.ndarray:
+    """Niche ``niche``'s drifting stream: fixed by the partition's seed, the same in every
+    generation. ``deal``: ``world``, one deal of the classes into phases for every niche (the
+    world drifts as a whole, each niche's phases at their own times, ``jitter``), or
+    ``niche``, a deal per niche."""
+    shared = world_deal(data, phases, seed) if deal == "world" else None
+    rng = np.random.default_rng([seed, niche, 7])
+    return drift_order(data.y_pool, data.niches[niche], phases, rng, deal=shared, jitter=jitter if shared else 0.0)
 
 
 class BudgetLearner:
@@ -83,7 +96,7 @@ class BudgetLearner:
             seed = seed_weights[task.seed_index] if seed_weights.dim() == 2 else seed_weights
             w = perturb_weights(seed, task.genome.get("fork_noise", 0.0), torch.Generator().manual_seed(task.seed))
             niche = task.niche % len(self.data.niches)
-            stream = stream_of(self.data, niche, self.spec.phases, self.spec.base.data.seed)
+            stream = stream_of(self.data, niche, self.spec.phases, self.spec.base.data.seed, self.spec.deal)
             ledger = LabelLedger()
             rng = np.random.default_rng([task.seed, 11])
             oracle = Oracle(
@@ -152,7 +165,8 @@ class BudgetWorld(ClassificationWorld):
             **super().describe(),
             "world": self.name,
             "budget": {"share": self.budget_spec.share, "free": self.budget_spec.free,
-                       "phases": self.budget_spec.phases, "policy": self.budget_spec.policy},
+                       "phases": self.budget_spec.phases, "deal": self.budget_spec.deal,
+                       "policy": self.budget_spec.policy},
             # what selection and elitism read (once, the whole run); variants' reads are in their metrics
             "labels": {"validation": len(d.y_val), "acceptance": accept, "test_read_for_selection": 0},
         }  # fmt: skip
@@ -188,5 +202,5 @@ def budget_world(cfg: Any) -> BudgetWorld:
     b = cfg.budget
     if b.policy not in POLICY_NAMES:
         raise ValueError(f"unknown budget.policy {b.policy!r}; use one of {POLICY_NAMES}")
-    spec = BudgetLearnerSpec(base.spec, b.share, b.free, b.phases, b.policy, b.replay)
+    spec = BudgetLearnerSpec(base.spec, b.share, b.free, b.phases, b.deal, b.policy, b.replay)
     return BudgetWorld(base.data, spec)

@@ -231,6 +231,7 @@ class LearnResult:
     audit: str = ""  # what the label audit changed in this variant's niche ("" nothing)
     train_accuracy: list[float] = field(default_factory=list)  # later passes (seen data)
     metrics: dict[str, float] = field(default_factory=dict)  # a world's own figures (bits per byte, tokens, ...)
+    trace: dict[str, list] = field(default_factory=dict)  # a world's series (System M's modes, budget spent over time)
 
 
 class GroupLearner:
