@@ -196,5 +196,5 @@ DISTILLERS: dict[str, type[Distiller]] = {"kd": Distiller}
 register("distillers", "kd", Distiller)
 
 # The text world's distiller (``lm_kd``) registers itself beside ``kd``.
-from forkpop.selection import lm_distiller  # noqa: E402, F401
-from forkpop.selection import policy_distiller  # noqa: E402, F401 - the environment world's policy_kd
+# The environment world's (``policy_kd``) too.
+from forkpop.selection import lm_distiller, policy_distiller  # noqa: E402, F401

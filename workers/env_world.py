@@ -425,6 +425,9 @@ class EnvWorld(World):
             "episode_limit": self.limit,
             "observation_dim": self.obs_dim,
             "actions": self.n_actions,
+            # the policy's input and outputs, as a classification world names them (forkpop.load rebuilds it)
+            "input_shape": [self.obs_dim],
+            "classes": [f"action {a}" for a in range(self.n_actions)],
             "lifetime_steps": self.spec.lifetime_steps,
             "policy": self.spec.policy,
             "signals": list(ENV_SIGNALS),

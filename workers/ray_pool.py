@@ -105,6 +105,19 @@ def start_local_ray(num_cpus: int | None = None, **kwargs: object) -> None:
         ray.init(num_cpus=num_cpus, _node_ip_address="127.0.0.1", **{**_INIT, **kwargs})
 
 
+def _reload_auth_config() -> None:
+    """Make Ray's C++ config read the authentication settings of the environment as it is now:
+    it reads them when ``ray`` is imported, and a driver that imported Ray before the run set
+    its token would otherwise connect without it (the GCS refuses: "Authentication token is
+    missing")."""
+    try:
+        from ray._raylet import AuthenticationTokenLoader, Config
+    except ImportError:  # a Ray without token authentication
+        return
+    Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
+
+
 @contextmanager
 def _loopback_only(own_token: bool) -> Iterator[None]:
     """Ray on loopback for what starts or connects inside.
@@ -129,6 +142,7 @@ def _loopback_only(own_token: bool) -> Iterator[None]:
     flag = getattr(ray_constants, "ENABLE_RAY_CLUSTER", None)
     os.environ.update(env)
     ray_constants.ENABLE_RAY_CLUSTER = False
+    _reload_auth_config()
     try:
         yield
     finally:
