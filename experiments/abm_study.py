@@ -5,7 +5,8 @@ Every policy runs the bundled ``abm`` config (the label-budget world) on the sam
 ``paced_b``, ``random``, ``bandit``, ``evolved_m`` (System M, the ``m_*`` genes evolved) and
 ``shuffled_m`` (the same, with M fed its own lifetime's signals in another order: the control
 that M uses its signals' timing). ``DIR/study.json`` holds, per budget and policy, the final
-seed's test accuracy per partition (reported only), the evolved forks' median share of budget
+seed's test accuracy per partition (reported only; with ``--seeds 0,1`` the mean over those run
+seeds, each run's in ``runs``), the evolved forks' median share of budget
 spent after their stream's midpoint and median switches (last generation), and the pooled
 reference: one logistic regression over the whole pool with the same share, margin queries
 paced over the stream (:func:`forkpop.workers.budget.reference_accuracy`).
@@ -33,6 +34,7 @@ def run_study(
     tracking_uri: str | None = None,
     budgets: tuple[float, ...] = BUDGETS,
     progress: bool = True,
+    seeds: tuple[int, ...] = (0,),
 ) -> dict[str, Any]:
     from forkpop.experiments.config import load_config
     from forkpop.experiments.specs import data_spec
@@ -53,24 +55,27 @@ def run_study(
         for part in partitions:
             common = [f"budget.share={b}", f"data.seed={part}", *overrides]
             for policy in POLICIES:
-                sets = [*common, f"budget.policy={CONFIG_POLICY.get(policy, policy)}"]
-                r = forkpop.run(base, overrides=sets, backend="local", tracking_uri=tracking_uri)
-                s = r.summary
-                acc[str(b)][policy].append(float(s["seed_test_accuracy"]))
-                world = s["history"][-1].get("world", {})
-                if policy == "evolved_m":
-                    late[str(b)].append(float(world.get("budget.late_share", float("nan"))))
-                    switches[str(b)].append(float(world.get("budget.switches", float("nan"))))
-                runs.append({"budget": b, "partition": part, "policy": policy, "run_dir": str(r.run_dir),
-                             "mlflow_run_id": s.get("mlflow_run_id"), "seed_test_accuracy": s["seed_test_accuracy"],
-                             "world": world})  # fmt: skip
-                if progress:
-                    print(
-                        f"[{time.perf_counter() - t0:6.0f}s] budget {b} data.seed {part} {policy:>10}: "
-                        f"seed test {s['seed_test_accuracy']:.4f}",
-                        file=sys.stderr,
-                        flush=True,
-                    )
+                got = []
+                for run_seed in seeds:
+                    sets = [*common, f"budget.policy={CONFIG_POLICY.get(policy, policy)}", f"run.seed={run_seed}"]
+                    r = forkpop.run(base, overrides=sets, backend="local", tracking_uri=tracking_uri)
+                    s = r.summary
+                    got.append(float(s["seed_test_accuracy"]))
+                    world = s["history"][-1].get("world", {})
+                    if policy == "evolved_m":
+                        late[str(b)].append(float(world.get("budget.late_share", float("nan"))))
+                        switches[str(b)].append(float(world.get("budget.switches", float("nan"))))
+                    runs.append({"budget": b, "partition": part, "policy": policy, "run_seed": run_seed,
+                                 "run_dir": str(r.run_dir), "mlflow_run_id": s.get("mlflow_run_id"),
+                                 "seed_test_accuracy": s["seed_test_accuracy"], "world": world})  # fmt: skip
+                    if progress:
+                        print(
+                            f"[{time.perf_counter() - t0:6.0f}s] budget {b} data.seed {part} run.seed {run_seed} "
+                            f"{policy:>10}: seed test {s['seed_test_accuracy']:.4f}",
+                            file=sys.stderr,
+                            flush=True,
+                        )
+                acc[str(b)][policy].append(float(np.mean(got)))
             cfg = load_config(base, common)
             data = load_data(data_spec(cfg))
             deal = world_deal(data, cfg.budget.phases, part) if cfg.budget.deal == "world" else None
@@ -82,6 +87,7 @@ def run_study(
         "pooled_reference": {k: float(np.mean(v)) for k, v in pooled.items()},
         "pooled_reference_per_partition": pooled,
         "partitions": partitions,
+        "run_seeds": list(seeds),
         "overrides": overrides,
         "runs": runs,
         "seconds": time.perf_counter() - t0,
@@ -106,7 +112,10 @@ def format_table(study: dict[str, Any]) -> str:
 
 def cmd_abm_study(args: Any) -> int:
     partitions = [int(x) for x in args.partitions.split(",")] if args.partitions else [0, 1, 2, 3, 4]
-    study = run_study(Path(args.out), partitions, list(args.set), args.tracking_uri, progress=not args.quiet)
+    seeds = tuple(int(x) for x in args.seeds.split(",")) if args.seeds else (0,)
+    study = run_study(
+        Path(args.out), partitions, list(args.set), args.tracking_uri, progress=not args.quiet, seeds=seeds
+    )
     print(format_table(study))
     print(f"study: {Path(args.out) / 'study.json'} ({study['seconds']:.0f} s)")
     return 0

@@ -46,6 +46,17 @@ PLOTS: dict[str, tuple[str, list[str]]] = {
         "The generated text: distinct 4-grams, gzip ratio, rare-4-gram recall",
         ["lm.gen_distinct4", "lm.gen_gzip_ratio", "lm.gen_rare4_recall"],
     ),
+    # The label-budget and environment worlds (budget.*, env.*): System M's lifetimes.
+    "budget_lifetimes": (
+        "System M's lifetimes: budget spent after the stream's midpoint, share observed, share spent",
+        ["budget.late_share", "budget.observe_share", "budget.spent_share"],
+    ),
+    "budget_switches": ("System M's switches between observing and buying (median per lifetime)", ["budget.switches"]),
+    "env_returns": (
+        "Greedy return on the reported episodes: the seed, the median variant at the end of its lifetime",
+        ["env.seed_return", "env.median_return"],
+    ),
+    "env_modes": ("System M's lifetimes: share of the steps observing", ["env.observe_share"]),
     "lm_generated_scores": (
         "The generated text scored: generation 0's bits per byte on it, the seed's entropy",
         ["lm.gen_bpb_by_gen0", "lm.gen_entropy_bits"],
@@ -66,6 +77,7 @@ class RunData:
     lineage: Lineage
     matrices: dict[int, dict] = field(default_factory=dict)
     samples: str = ""  # the text world: samples of the final seed (artifact samples.txt)
+    modes: dict[int, dict] = field(default_factory=dict)  # System M's traces per generation (artifact modes/)
 
 
 def population_run(run_id: str, tracking_uri: str | None) -> tuple[Any, Any]:
@@ -106,6 +118,10 @@ def load_run(run_id: str, tracking_uri: str | None, matrices: bool = True) -> Ru
             for name, m in artifact_jsons(client, run, "diversity", tmp).items():
                 if name.startswith("gen-"):
                     out.matrices[int(Path(name).stem.split("-")[1])] = m
+            if run.data.tags.get("forkpop.world") in ("budget", "env"):
+                for name, m in artifact_jsons(client, run, "modes", tmp).items():
+                    if name.startswith("gen-"):
+                        out.modes[int(Path(name).stem.split("-")[1])] = m
             if run.data.tags.get("forkpop.world") == "text":
                 try:
                     out.samples = Path(client.download_artifacts(run_id, "samples.txt", tmp)).read_text()
@@ -288,6 +304,63 @@ def plot_heatmap(matrix: dict, generation: int, path: Path) -> None:
     plt.close(fig)
 
 
+MODE_COLOURS = {"A": "#4c72b0", "B": "#dd8452", "F": "#55a868"}
+MODE_NAMES = {"A": "observe (System A)", "B": "act (System B)", "F": "free label"}
+
+
+def _segments(trace: dict) -> tuple[list[tuple[float, float, str]], float]:
+    """A trace's (start, length, mode) segments and its total length: the budget world's are
+    one arrival each, the environment world's one episode each (``starts``, ``lengths``)."""
+    modes = trace.get("modes", "")
+    if "lengths" in trace:
+        segs = zip(trace["starts"], trace["lengths"], modes, strict=True)
+        return [(float(a), float(n), m) for a, n, m in segs], float(sum(trace["lengths"]))
+    return [(float(t), 1.0, m) for t, m in enumerate(modes)], float(len(modes))
+
+
+def plot_modes(traces: dict, generation: int, path: Path) -> bool:
+    """System M's modes over each lifetime of ``generation`` (one row per variant, time as the
+    share of the lifetime) beside its spending over time: the share of the budget bought by
+    each point of the stream (budget world; the dashed line is an even pace) or the share of
+    the steps spent acting (environment world)."""
+    if not traces:
+        return False
+    plt = _plt()
+    from matplotlib.patches import Patch
+
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 0.25 * len(traces) + 2.5))
+    seen: set[str] = set()
+    for row, (_, tr) in enumerate(sorted(traces.items())):
+        segs, total = _segments(tr)
+        for a, n, m in segs:
+            ax.barh(row, n / max(total, 1), left=a / max(total, 1), height=0.8, color=MODE_COLOURS.get(m, "#999"), lw=0)
+            seen.add(m)
+        if "spent_at" in tr:  # the budget world: share of the budget spent by each point of the stream
+            budget = max(int(tr.get("budget", len(tr["spent_at"]))), 1)
+            xs = [p / max(total, 1) for p in tr["spent_at"]]
+            bx.step([0, *xs, 1], [0, *[(i + 1) / budget for i in range(len(xs))], len(xs) / budget], where="post", lw=1)
+        else:  # the environment world: share of the steps spent acting
+            acted = [n if m == "B" else 0.0 for _, n, m in segs]
+            cum = [sum(acted[: i + 1]) / max(total, 1) for i in range(len(acted))]
+            bx.plot([(a + n) / max(total, 1) for a, n, _ in segs], cum, lw=1)
+    ax.set_yticks(range(len(traces)), [v.split("-")[-1] for v in sorted(traces)], fontsize=6)
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("share of the lifetime")
+    ax.set_title(f"System M's mode over each lifetime, generation {generation}")
+    ax.legend(handles=[Patch(color=MODE_COLOURS[m], label=MODE_NAMES[m]) for m in "ABF" if m in seen], fontsize=7)
+    budget_world = any("spent_at" in t for t in traces.values())
+    if budget_world:
+        bx.plot([0, 1], [0, 1], "k--", lw=0.8, label="even pace")
+        bx.legend(fontsize=7)
+    bx.set_xlabel("share of the stream read" if budget_world else "share of the lifetime")
+    bx.set_ylabel("share of the budget spent" if budget_world else "share of the steps spent acting")
+    bx.set_title("Budget spent over time" if budget_world else "Acting over time")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def analyze(
     run_id: str, out: Path, tracking_uri: str | None, heatmaps: list[int] | None = None, progress: bool = True
 ) -> Path:
@@ -311,6 +384,10 @@ def analyze(
             p = out / f"disagreement_gen{g:04d}.png"
             plot_heatmap(data.matrices[g], g, p)
             figures.append((f"Pairwise disagreement, generation {g}", p))
+    for g in sorted({min(data.modes), max(data.modes)}) if data.modes else []:
+        p = out / f"modes_gen{g:04d}.png"
+        if plot_modes(data.modes[g], g, p):
+            figures.append((f"System M's modes and spending, generation {g}", p))
     bar.update(1)
     for f in write_lineage(data, out):
         if f.suffix == ".png":

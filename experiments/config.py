@@ -460,6 +460,9 @@ class BudgetConfig(_Strict):
     replay: int = Field(
         16, ge=1, description="Mini-batch of a labelled arrival: it and earlier labels drawn at random."
     )
+    observe_weight: float = Field(
+        0.5, ge=0, description="Weight of an observed arrival's pseudo-label in its step (0: System A learns nothing)."
+    )
 
 
 class EnvConfig(_Strict):

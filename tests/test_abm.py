@@ -49,7 +49,7 @@ def test_the_fixed_policies_spend_as_they_say_and_every_label_is_in_the_ledger(w
 def test_m_is_genes_and_acts_on_its_signals(world):
     genome = {"m_bias": -1.0, "m_margin": -2.0, "m_budget_left": 2.0, "m_time": 0.5}
     m = Controller.from_genome(genome)
-    assert m.weights == (-2.0, 0.0, 0.0, 0.0, 2.0, 0.5) and m.bias == -1.0
+    assert m.weights == (-2.0, 0.0, 0.0, 0.0, 0.0, 2.0, 0.5) and m.bias == -1.0
     lt, o, _, _ = _live(world, m)
     assert lt.signals.shape == (len(lt.modes), len(SIGNALS)) and np.isfinite(lt.signals).all()
     assert ((lt.signals >= 0) & (lt.signals <= 1.0 + 1e-6)).all()
@@ -62,6 +62,24 @@ def test_m_is_genes_and_acts_on_its_signals(world):
     assert torch.equal(again.weights, lt.weights) and again.modes == lt.modes  # seeded: the same lifetime
     with pytest.raises(ValueError, match="signals"):
         Controller((1.0, 2.0))
+
+
+def test_m_paces_what_is_left_and_its_score_moves_it_ahead_or_behind(world):
+    """All genes at 0: the budget bought at an even pace; a high score buys at once (all of
+    it early, as greedy-B), a low one holds back (nothing bought, as fixed-A)."""
+    even, o, _, _ = _live(world, Controller.from_genome({}), share=0.2)
+    assert o.spent == o.budget and 0.35 <= even.late_share() <= 0.65
+    gaps = np.diff([0, *even.spent_at])
+    assert gaps.max() - gaps.min() <= 2  # evenly spaced, to an arrival or two (free labels)
+    eager, oe, _, _ = _live(world, Controller.from_genome({"m_bias": 100.0}), share=0.2)
+    assert oe.spent == oe.budget and eager.late_share() == 0.0
+    assert eager.spent_at == [t for t, m in enumerate(eager.modes) if m != "F"][: oe.budget]  # as greedy-B
+    ahead, oa, _, _ = _live(world, Controller.from_genome({"m_bias": 3.0}), share=0.2)
+    assert oa.spent == oa.budget and ahead.spent_at[2] < even.spent_at[0]  # three labels ahead of the pace
+    held, oh, _, _ = _live(world, Controller.from_genome({"m_bias": -1.5}), share=0.2)
+    assert held.spent_at[0] > even.spent_at[0] and oh.spent < oh.budget
+    never, on, _, _ = _live(world, Controller.from_genome({"m_bias": -100.0}), share=0.2)
+    assert on.spent == 0 and never.switches == 0
 
 
 def test_timing_matters_on_a_drifting_stream(world):

@@ -85,3 +85,27 @@ def test_the_abm_study_smoke_writes_its_table(tmp_path, tracking_uri):
         assert 0.5 < study["pooled_reference"][b] <= 1
     assert len(study["runs"]) == 14 and all(r["mlflow_run_id"] for r in study["runs"])
     assert "| 0.1 | pooled reference |" in out.stdout
+
+
+def test_mode_traces_are_recorded_and_plotted(tmp_path, tracking_uri):
+    """Each fork's mode at every arrival and where it spent, in MLflow (artifact modes/), and
+    `forkpop analyze`'s plots of them."""
+    from forkpop.experiments.analysis import analyze
+    from mlflow import MlflowClient
+
+    r = _run(tmp_path, tracking_uri, "budget.policy=paced_b")
+    client = MlflowClient(tracking_uri)
+    run = client.get_run(r.summary["mlflow_run_id"])
+    (tmp_path / "dl").mkdir()
+    traces = artifact_jsons(client, run, "modes", str(tmp_path / "dl"))
+    assert sorted(traces) == ["gen-0000.json", "gen-0001.json"]
+    for gen in traces.values():
+        assert len(gen) == 4
+        for t in gen.values():
+            assert set(t["modes"]) <= set("ABF") and len(t["spent_at"]) <= t["budget"]
+            assert [i for i, m in enumerate(t["modes"]) if m == "B"] == t["spent_at"]
+    report = analyze(r.summary["mlflow_run_id"], tmp_path / "report", tracking_uri, progress=False)
+    assert (tmp_path / "report" / "modes_gen0000.png").stat().st_size > 5000
+    assert (tmp_path / "report" / "modes_gen0001.png").is_file()
+    assert (tmp_path / "report" / "budget_lifetimes.png").is_file()
+    assert "System M's modes and spending" in report.read_text()

@@ -119,14 +119,20 @@ def test_a_cartpole_run_reports_returns_and_mode_traces(tmp_path, tracking_uri):
     assert world["world"] == "env" and world["env"] == "CartPole-v1" and world["test_read_for_selection"] == 0
     client = MlflowClient(tracking_uri)
     run = client.get_run(r.summary["mlflow_run_id"])
-    assert "env.median_return" in run.data.metrics
+    assert "env.median_return" in run.data.metrics and "env.seed_return" in run.data.metrics
     (tmp_path / "dl").mkdir()
     traces = artifact_jsons(client, run, "modes", str(tmp_path / "dl"))
     assert len(traces) == 2
     for t in traces.values():
         assert len(t) == 4  # every fork's modes, episode by episode
         for v in t.values():
-            assert set(v["modes"]) <= {"A", "B"} and sum(v["lengths"]) == 1500
+            assert set(v["modes"]) <= {"A", "B"} and len(v["modes"]) == len(v["lengths"])
+            assert sum(v["lengths"]) == 1500
+    from forkpop.experiments.analysis import analyze
+
+    report = analyze(r.summary["mlflow_run_id"], tmp_path / "report", tracking_uri, progress=False)
+    assert (tmp_path / "report" / "env_returns.png").is_file() and (tmp_path / "report" / "modes_gen0001.png").is_file()
+    assert "System M's modes and spending" in report.read_text()
     # one seed, one run
     again = _run(tmp_path / "again", tracking_uri) if (tmp_path / "again").mkdir() is None else None
     assert [x["median_return"] for x in again.summary["history"]] == [x["median_return"] for x in h]

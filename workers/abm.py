@@ -15,10 +15,12 @@ small batch: the arrival and up to ``replay - 1`` earlier labels drawn from all 
 
 The signals, each in about [0, 1]: ``margin`` (top-1 minus top-2 probability of the arrival),
 ``novelty`` (its distance to the nearest input seen, over the running mean of such
-distances, halved and capped at 1), ``progress`` (how much the predictions on a fixed probe,
-which the variant cannot choose, moved since the last arrival, scaled), ``surprise`` (the
-loss on the last free label, over log C), ``budget_left`` and ``time`` (the share of the
-stream read). :class:`Controller` is M as genes: act when ``bias + sum(w * signal) > 0``.
+distances, halved and capped at 1), ``unlabelled`` (the same for its distance to the nearest
+input it holds a label for: how far the arrival is from what it knows), ``progress`` (how
+much the predictions on a fixed probe, which the variant cannot choose, moved since the last
+arrival, scaled), ``surprise`` (the loss on the last free label, over log C), ``budget_left``
+and ``time`` (the share of the stream read). :class:`Controller` is M as genes: a score
+``bias + sum(w * signal)`` that decides how far ahead of, or behind, an even pace to buy.
 The fixed policies the study compares it with are :data:`POLICIES`.
 """
 
@@ -35,19 +37,29 @@ from forkpop.population.models import load_flat_weights
 from forkpop.workers.budget import Oracle
 from torch import nn
 
-SIGNALS = ("margin", "novelty", "progress", "surprise", "budget_left", "time")
+SIGNALS = ("margin", "novelty", "unlabelled", "progress", "surprise", "budget_left", "time")
 
 
-@dataclass(frozen=True)
+@dataclass
 class Controller:
-    """System M: act when ``bias + sum(weights[i] * signal[i]) > 0`` (over ``signals``, by
-    default :data:`SIGNALS`) and budget is left. Its numbers are genes (``m_bias``,
-    ``m_margin``, ...): mutated, inherited and selected like the others. The environment
-    world's M is the same controller over its own signals."""
+    """System M: a score ``bias + sum(weights[i] * signal[i])`` over ``signals`` (by default
+    :data:`SIGNALS`) whose numbers are genes (``m_bias``, ``m_margin``, ...): mutated,
+    inherited and selected like the others.
+
+    In the label-budget world (``__call__``) M holds an urge to buy that each arrival raises by
+    the pace (the budget over the arrivals that are not free); an arrival is bought when the
+    urge has reached ``1 - score``, and the urge drops by 1. All genes at 0 buy at an even
+    pace; a positive score buys ahead of the pace (by ``score`` labels: a high one buys
+    everything at once, as greedy-B), a negative one holds back (a low one buys nothing, as
+    fixed-A). The signals' weights say which arrivals are worth buying early (unsure,
+    unfamiliar, surprising ...) and which to pass by. One controller per lifetime (it holds
+    the urge; :func:`live` resets it). The environment world's M acts when its score is
+    positive."""
 
     weights: tuple[float, ...]
     bias: float = 0.0
     signals: tuple[str, ...] = SIGNALS
+    urge: float = field(default=0.0, compare=False)
 
     def __post_init__(self) -> None:
         if len(self.weights) != len(self.signals):
@@ -57,11 +69,19 @@ class Controller:
     def from_genome(cls, genome: dict[str, float], signals: tuple[str, ...] = SIGNALS) -> Controller:
         return cls(tuple(float(genome.get(f"m_{s}", 0.0)) for s in signals), float(genome.get("m_bias", 0.0)), signals)
 
+    def reset(self) -> None:
+        """A new lifetime: no urge yet."""
+        self.urge = 0.0
+
     def score(self, s: dict[str, float]) -> float:
         return self.bias + sum(w * s[k] for w, k in zip(self.weights, self.signals, strict=True))
 
     def __call__(self, s: dict[str, float], t: int, n: int, oracle: Oracle, rng: np.random.Generator) -> bool:
-        return self.score(s) > 0
+        self.urge += oracle.budget / max(n - len(oracle.free_positions), 1)  # the arrivals M decides on
+        if self.urge >= 1.0 - self.score(s) - 1e-9:
+            self.urge -= 1.0
+            return True
+        return False
 
 
 Policy = Callable[[dict, int, int, Oracle, np.random.Generator], bool]
@@ -165,6 +185,8 @@ def live(
     signal's distribution and breaks its timing.
     """
     load_flat_weights(model, weights)
+    if hasattr(policy, "reset"):  # a policy with a state (M's urge) starts each lifetime afresh
+        policy.reset()
     params = list(model.parameters())
     opt = torch.optim.SGD(params, lr=lr, momentum=0.0)
     stream = oracle.stream
@@ -189,9 +211,15 @@ def live(
             dist_mean += (d - dist_mean) / t
         else:
             novelty = 1.0
+        if held_x:
+            d_held = torch.cdist(xi, torch.cat(held_x))[0]
+            unlabelled = min(1.0, float(d_held.min()) / (2 * dist_mean))
+        else:
+            d_held, unlabelled = None, 1.0
         s = {
             "margin": float(top[0] - top[1]),
             "novelty": novelty,
+            "unlabelled": unlabelled,
             "progress": min(1.0, progress),
             "surprise": surprise,
             "budget_left": oracle.left / max(oracle.budget, 1),
@@ -210,11 +238,10 @@ def live(
                 mode, weight, label = "B", 1.0, oracle.query(t)
             else:
                 mode, weight = "A", observe_weight
-                if float(top[0]) >= confident or not held_x:
+                if float(top[0]) >= confident or d_held is None:
                     label = int(p.argmax())
                 else:
-                    nearest = int(torch.cdist(xi, torch.cat(held_x)).argmin())
-                    label = held_y[nearest]
+                    label = held_y[int(d_held.argmin())]
         out.modes.append(mode)
         # replayed: drawn from every label held, so that early phases are not forgotten
         pick = rng.choice(len(held_x), size=min(replay - 1, len(held_x)), replace=False) if held_x else []

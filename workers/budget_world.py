@@ -12,6 +12,7 @@ every label bought or given free (each variant's ``metrics``). The test split is
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,6 +41,7 @@ class BudgetLearnerSpec:
     deal: str = "world"
     policy: str = "evolved"
     replay: int = 16
+    observe_weight: float = 0.5
     probe: int = 64
     learner: str = "forkpop.workers.budget_world:BudgetLearner"  # resolvable in any worker
     import_roots: tuple[str, ...] = field(default=())
@@ -109,11 +111,22 @@ class BudgetLearner:
                 dry_rng = np.random.default_rng([task.seed, 11])
                 dry = Oracle(self.data.y_pool, stream, oracle.budget, self.spec.free, dry_rng, LabelLedger(), "dry")
                 m = Controller.from_genome(task.genome)
-                first = live(self.model, w, self.x_pool, dry, m, self.probe, dry_rng, lr=lr, replay=self.spec.replay)
+                first = live(
+                    self.model,
+                    w,
+                    self.x_pool,
+                    dry,
+                    m,
+                    self.probe,
+                    dry_rng,
+                    lr=lr,
+                    replay=self.spec.replay,
+                    observe_weight=self.spec.observe_weight,
+                )
                 fed = first.signals[np.random.default_rng([task.seed, 13]).permutation(len(stream))]
             lt = live(
                 self.model, w, self.x_pool, oracle, self.policy(task.genome), self.probe, rng,
-                lr=lr, replay=self.spec.replay, fed_signals=fed,
+                lr=lr, replay=self.spec.replay, fed_signals=fed, observe_weight=self.spec.observe_weight,
             )  # fmt: skip
             counts = ledger.counts()
             val = accuracy(load_flat_weights(self.model, lt.weights), self.x_val, self.y_val)
@@ -131,6 +144,8 @@ class BudgetLearner:
                         "budget.switches": float(lt.switches),
                         "budget.observe_share": lt.modes.count("A") / max(len(lt.modes), 1),
                     },
+                    # M's choice at each arrival (A observed, B bought, F free) and where it spent
+                    trace={"modes": "".join(lt.modes), "spent_at": list(lt.spent_at), "budget": int(oracle.budget)},
                 )
             )
             out_w.append(lt.weights)
@@ -150,8 +165,12 @@ class BudgetWorld(ClassificationWorld):
         return self.budget_spec
 
     def measure(self, result: Any) -> dict[str, Any]:
+        """The lifetimes' figures (``budget.*``) and their traces (artifact ``modes/``)."""
         figures = measure_lifetimes(result.evals.results)
-        return {"world": figures} if figures else {}
+        if not figures:
+            return {}
+        traces = {r.variant_id: r.trace for r in result.evals.results if r.trace}
+        return {"world": figures, "artifacts": {f"modes/gen-{result.generation:04d}.json": json.dumps(traces)}}
 
     def labels(self, split: str) -> torch.Tensor | None:
         """Only the validation split's labels (selection's evidence, counted); the niches' are
@@ -202,5 +221,5 @@ def budget_world(cfg: Any) -> BudgetWorld:
     b = cfg.budget
     if b.policy not in POLICY_NAMES:
         raise ValueError(f"unknown budget.policy {b.policy!r}; use one of {POLICY_NAMES}")
-    spec = BudgetLearnerSpec(base.spec, b.share, b.free, b.phases, b.deal, b.policy, b.replay)
+    spec = BudgetLearnerSpec(base.spec, b.share, b.free, b.phases, b.deal, b.policy, b.replay, b.observe_weight)
     return BudgetWorld(base.data, spec)

@@ -29,6 +29,7 @@ action distributions on the states they visit.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import dataclass
@@ -385,7 +386,7 @@ class EnvLearner:
                         "env.episodes": float(len(lt.modes)),
                         "env.last_own_return": float(own[-1]) if own else float("nan"),
                     },
-                    trace={"modes": lt.modes, "starts": lt.starts, "lengths": lt.lengths, "returns": own},
+                    trace={"modes": "".join(lt.modes), "starts": lt.starts, "lengths": lt.lengths, "returns": own},
                 )
             )
             out_w.append(weights if ok else seed.clone())
@@ -503,13 +504,7 @@ class EnvWorld(World):
             "env.observe_share": float(np.mean([m["env.observe_share"] for m in ms])) if ms else float("nan"),
         }
         traces = {ev.results[i].variant_id: ev.results[i].trace for i in alive}
-        return {"world": figures, "artifacts": {f"modes/gen-{result.generation:04d}.json": _json(traces)}}
-
-
-def _json(x: Any) -> str:
-    import json
-
-    return json.dumps(x)
+        return {"world": figures, "artifacts": {f"modes/gen-{result.generation:04d}.json": json.dumps(traces)}}
 
 
 def env_world(cfg: Any) -> EnvWorld:
