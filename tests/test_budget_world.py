@@ -51,6 +51,23 @@ def test_a_budget_run_buys_within_its_budget_and_records_every_label(tmp_path, t
         assert all(row["budget.late_share"] == 0 for row in rows)
 
 
+@pytest.mark.ray
+def test_a_budget_run_on_ray_workers_is_the_local_one(tmp_path, tracking_uri, ray_session):
+    (tmp_path / "local").mkdir()
+    local = _run(tmp_path / "local", tracking_uri, "run.generations=1")
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        remote = forkpop.run(
+            "abm", overrides=[*OVERRIDES, f"run.run_dir={tmp_path}", "run.generations=1"], backend="ray",
+            tracking_uri=tracking_uri,
+        )  # fmt: skip
+    finally:
+        os.chdir(cwd)
+    assert remote.summary["seed_test_accuracy"] == local.summary["seed_test_accuracy"]
+    assert remote.summary["history"][0]["world"] == local.summary["history"][0]["world"]
+
+
 def test_a_bad_budget_policy_is_one_line(tmp_path):
     import subprocess
     import sys
@@ -108,4 +125,4 @@ def test_mode_traces_are_recorded_and_plotted(tmp_path, tracking_uri):
     assert (tmp_path / "report" / "modes_gen0000.png").stat().st_size > 5000
     assert (tmp_path / "report" / "modes_gen0001.png").is_file()
     assert (tmp_path / "report" / "budget_lifetimes.png").is_file()
-    assert "System M's modes and spending" in report.read_text()
+    assert "modes and spending, generation 1" in report.read_text()

@@ -132,9 +132,10 @@ def test_a_cartpole_run_reports_returns_and_mode_traces(tmp_path, tracking_uri):
 
     report = analyze(r.summary["mlflow_run_id"], tmp_path / "report", tracking_uri, progress=False)
     assert (tmp_path / "report" / "env_returns.png").is_file() and (tmp_path / "report" / "modes_gen0001.png").is_file()
-    assert "System M's modes and spending" in report.read_text()
+    assert "modes and spending, generation 1" in report.read_text()
     # one seed, one run
-    again = _run(tmp_path / "again", tracking_uri) if (tmp_path / "again").mkdir() is None else None
+    (tmp_path / "again").mkdir()
+    again = _run(tmp_path / "again", tracking_uri)
     assert [x["median_return"] for x in again.summary["history"]] == [x["median_return"] for x in h]
     assert again.summary["seed_test_accuracy"] == r.summary["seed_test_accuracy"]
 
@@ -143,6 +144,9 @@ def test_a_cartpole_run_reports_returns_and_mode_traces(tmp_path, tracking_uri):
 def test_a_cartpole_run_on_ray_workers(tmp_path, tracking_uri, ray_session):
     r = _run(tmp_path, tracking_uri, "run.generations=1", "env.policy=random", backend="ray")
     assert r.summary["generations"] == 1 and 0 <= r.summary["history"][0]["median_return"] <= 500
+    (tmp_path / "local").mkdir()
+    local = _run(tmp_path / "local", tracking_uri, "run.generations=1", "env.policy=random")
+    assert local.summary["history"][0]["world"] == r.summary["history"][0]["world"]  # the same lifetimes
 
 
 def test_a_bad_environment_is_one_line(tmp_path):

@@ -50,6 +50,10 @@ class BudgetLearnerSpec:
     def data(self) -> Any:
         return self.base.data
 
+    # what the pool asks of a learner spec: a lifetime is one small model's pass, on the CPU
+    device = "cpu"
+    engine = "budget"
+
 
 def world_deal(data: DataBundle, phases: int, seed: int) -> dict[int, int] | None:
     """The world's one deal of its classes into phases (``budget.deal: world``)."""

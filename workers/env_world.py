@@ -315,6 +315,8 @@ class EnvSpec:
     probe_states: int = 256
     torch_threads: int = 1
     learner: str = "forkpop.workers.env_world:EnvLearner"
+    device: str = "cpu"  # numpy policies: the pool asks no GPU for them
+    engine: str = "env"
 
 
 def _dims(env: Any) -> tuple[int, int]:
