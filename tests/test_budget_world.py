@@ -126,3 +126,29 @@ def test_mode_traces_are_recorded_and_plotted(tmp_path, tracking_uri):
     assert (tmp_path / "report" / "modes_gen0001.png").is_file()
     assert (tmp_path / "report" / "budget_lifetimes.png").is_file()
     assert "modes and spending, generation 1" in report.read_text()
+
+
+def test_no_decision_reads_a_test_label(tmp_path, tracking_uri, monkeypatch):
+    """The same run with the test split's labels scrambled: every decision (lifetimes, labels
+    bought, fitness, teachers, elitism) is the same; only the reported test figures move."""
+    import dataclasses
+
+    import numpy as np
+    from forkpop.experiments import specs
+    from forkpop.workers import budget_world
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    a = _run(tmp_path / "a", tracking_uri)
+
+    def scrambled(*args, load=budget_world.load_data, **kw):
+        d = load(*args, **kw)
+        return dataclasses.replace(d, y_test=np.random.default_rng(0).permutation(d.y_test))
+
+    monkeypatch.setattr(budget_world, "load_data", scrambled)
+    monkeypatch.setattr(specs, "load_data", scrambled)
+    b = _run(tmp_path / "b", tracking_uri)
+    for x, y in zip(a.summary["history"], b.summary["history"], strict=True):
+        for key in ("seed_val_accuracy", "best_fitness", "mean_fitness", "teachers", "student_accepted", "world"):
+            assert x[key] == y[key], key
+    assert a.summary["seed_test_accuracy"] != b.summary["seed_test_accuracy"]  # the report did read them
