@@ -347,7 +347,8 @@ def plot_modes(traces: dict, generation: int, path: Path) -> bool:
     ax.set_xlim(0, 1)
     ax.set_xlabel("share of the lifetime")
     ax.set_title(f"System M's mode over each lifetime, generation {generation}")
-    ax.legend(handles=[Patch(color=MODE_COLOURS[m], label=MODE_NAMES[m]) for m in "ABF" if m in seen], fontsize=7)
+    handles = [Patch(color=MODE_COLOURS[m], label=MODE_NAMES[m]) for m in "ABF" if m in seen]
+    ax.legend(handles=handles, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=3)
     budget_world = any("spent_at" in t for t in traces.values())
     if budget_world:
         bx.plot([0, 1], [0, 1], "k--", lw=0.8, label="even pace")
