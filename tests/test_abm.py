@@ -65,17 +65,18 @@ def test_m_is_genes_and_acts_on_its_signals(world):
 
 
 def test_m_paces_what_is_left_and_its_score_moves_it_ahead_or_behind(world):
-    """All genes at 0: the budget bought at an even pace; a high score buys at once (all of
-    it early, as greedy-B), a low one holds back (nothing bought, as fixed-A)."""
+    """All genes at 0: the first arrival bought, then the budget at an even pace; a high score
+    buys at once (all of it early, as greedy-B), a low one holds back (nothing bought, as fixed-A)."""
     even, o, _, _ = _live(world, Controller.from_genome({}), share=0.2)
     assert o.spent == o.budget and 0.35 <= even.late_share() <= 0.65
-    gaps = np.diff([0, *even.spent_at])
+    assert even.spent_at[0] == next(t for t, m in enumerate(even.modes) if m != "F")
+    gaps = np.diff(even.spent_at)
     assert gaps.max() - gaps.min() <= 2  # evenly spaced, to an arrival or two (free labels)
     eager, oe, _, _ = _live(world, Controller.from_genome({"m_bias": 100.0}), share=0.2)
     assert oe.spent == oe.budget and eager.late_share() == 0.0
     assert eager.spent_at == [t for t, m in enumerate(eager.modes) if m != "F"][: oe.budget]  # as greedy-B
     ahead, oa, _, _ = _live(world, Controller.from_genome({"m_bias": 3.0}), share=0.2)
-    assert oa.spent == oa.budget and ahead.spent_at[2] < even.spent_at[0]  # three labels ahead of the pace
+    assert oa.spent == oa.budget and ahead.spent_at[3] < even.spent_at[1]  # three labels ahead of the pace
     held, oh, _, _ = _live(world, Controller.from_genome({"m_bias": -1.5}), share=0.2)
     assert held.spent_at[0] > even.spent_at[0] and oh.spent < oh.budget
     never, on, _, _ = _live(world, Controller.from_genome({"m_bias": -100.0}), share=0.2)

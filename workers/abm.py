@@ -46,10 +46,11 @@ class Controller:
     :data:`SIGNALS`) whose numbers are genes (``m_bias``, ``m_margin``, ...): mutated,
     inherited and selected like the others.
 
-    In the label-budget world (``__call__``) M holds an urge to buy that each arrival raises by
-    the pace (the budget over the arrivals that are not free); an arrival is bought when the
-    urge has reached ``1 - score``, and the urge drops by 1. All genes at 0 buy at an even
-    pace; a positive score buys ahead of the pace (by ``score`` labels: a high one buys
+    In the label-budget world (``__call__``) M holds an urge to buy, one label's worth at birth,
+    that each arrival raises by the pace (the budget over the arrivals that are not free); an
+    arrival is bought when the urge has reached ``1 - score``, and the urge drops by 1. All
+    genes at 0 buy the first arrival and then at an even pace (as paced-B, without its
+    choice of unsure arrivals); a positive score buys ahead of the pace (by ``score`` labels: a high one buys
     everything at once, as greedy-B), a negative one holds back (a low one buys nothing, as
     fixed-A). The signals' weights say which arrivals are worth buying early (unsure,
     unfamiliar, surprising ...) and which to pass by. One controller per lifetime (it holds
@@ -59,7 +60,7 @@ class Controller:
     weights: tuple[float, ...]
     bias: float = 0.0
     signals: tuple[str, ...] = SIGNALS
-    urge: float = field(default=0.0, compare=False)
+    urge: float = field(default=1.0, compare=False)
 
     def __post_init__(self) -> None:
         if len(self.weights) != len(self.signals):
@@ -70,8 +71,9 @@ class Controller:
         return cls(tuple(float(genome.get(f"m_{s}", 0.0)) for s in signals), float(genome.get("m_bias", 0.0)), signals)
 
     def reset(self) -> None:
-        """A new lifetime: no urge yet."""
-        self.urge = 0.0
+        """A new lifetime: the urge of one label (the first is bought at once, as paced-B does:
+        a label held early teaches in every later step)."""
+        self.urge = 1.0
 
     def score(self, s: dict[str, float]) -> float:
         return self.bias + sum(w * s[k] for w, k in zip(self.weights, self.signals, strict=True))
