@@ -53,7 +53,7 @@ PLOTS: dict[str, tuple[str, list[str]]] = {
     ),
     "budget_switches": ("System M's switches between observing and buying (median per lifetime)", ["budget.switches"]),
     "env_returns": (
-        "Greedy return on the reported episodes: the seed, the median variant at the end of its lifetime",
+        "Greedy return (reported episodes): the seed, the median fork at the end of its life",
         ["env.seed_return", "env.median_return"],
     ),
     "env_modes": ("System M's lifetimes: share of the steps observing", ["env.observe_share"]),
@@ -342,7 +342,7 @@ def plot_modes(traces: dict, generation: int, path: Path) -> bool:
         else:  # the environment world: share of the steps spent acting
             acted = [n if m == "B" else 0.0 for _, n, m in segs]
             cum = [sum(acted[: i + 1]) / max(total, 1) for i in range(len(acted))]
-            bx.plot([(a + n) / max(total, 1) for a, n, _ in segs], cum, lw=1)
+            bx.plot([0.0] + [(a + n) / max(total, 1) for a, n, _ in segs], [0.0, *cum], lw=1)
     ax.set_yticks(range(len(traces)), [v.split("-")[-1] for v in sorted(traces)], fontsize=6)
     ax.set_xlim(0, 1)
     ax.set_xlabel("share of the lifetime")
