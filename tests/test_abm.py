@@ -81,6 +81,12 @@ def test_m_paces_what_is_left_and_its_score_moves_it_ahead_or_behind(world):
     assert held.spent_at[0] > even.spent_at[0] and oh.spent < oh.budget
     never, on, _, _ = _live(world, Controller.from_genome({"m_bias": -100.0}), share=0.2)
     assert on.spent == 0 and never.switches == 0
+    # paced-B's rule in genes: it waits past confident arrivals, up to one label behind the pace
+    picky, op, _, _ = _live(world, Controller.from_genome({"m_margin": 2.0, "m_wait": -1.0}), share=0.2)
+    margin = SIGNALS.index("margin")
+    assert op.spent >= op.budget - 1
+    assert picky.signals[picky.spent_at, margin].mean() < even.signals[even.spent_at, margin].mean()
+    assert Controller.from_genome({"m_wait": -1.0}).wait == -1.0
 
 
 def test_timing_matters_on_a_drifting_stream(world):

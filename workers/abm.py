@@ -47,20 +47,22 @@ class Controller:
     inherited and selected like the others.
 
     In the label-budget world (``__call__``) M holds an urge to buy, one label's worth at birth,
-    that each arrival raises by the pace (the budget over the arrivals that are not free); an
-    arrival is bought when the urge has reached ``1 - score``, and the urge drops by 1. All
-    genes at 0 buy the first arrival and then at an even pace (as paced-B, without its
-    choice of unsure arrivals); a positive score buys ahead of the pace (by ``score`` labels: a high one buys
-    everything at once, as greedy-B), a negative one holds back (a low one buys nothing, as
-    fixed-A). The signals' weights say which arrivals are worth buying early (unsure,
-    unfamiliar, surprising ...) and which to pass by. One controller per lifetime (it holds
-    the urge; :func:`live` resets it). The environment world's M acts when its score is
-    positive."""
+    that each arrival raises by the pace (the budget over the arrivals that are not free). An
+    arrival is bought when the urge has reached ``1 - bias + delay``, and the urge drops by 1:
+    ``bias`` (gene ``m_bias``) sets how far ahead of the pace M spends (a high one buys
+    everything at once, as greedy-B; a low one buys nothing, as fixed-A), and ``delay =
+    max(0, wait + sum(weights[i] * signal[i]))`` (genes ``m_wait`` and the signals' ``m_*``)
+    how long it waits for a better arrival: a positive ``m_margin`` waits past confident ones.
+    All genes at 0 buy the first arrival and then at an even pace; ``m_margin = 2, m_wait = -1``
+    is paced-B's choice of unsure arrivals (margin under 0.5), up to one label behind the pace.
+    One controller per lifetime (it holds the urge; :func:`live` resets it). The environment
+    world's M acts when ``bias + sum(weights[i] * signal[i]) > 0``."""
 
     weights: tuple[float, ...]
     bias: float = 0.0
     signals: tuple[str, ...] = SIGNALS
     urge: float = field(default=1.0, compare=False)
+    wait: float = 0.0
 
     def __post_init__(self) -> None:
         if len(self.weights) != len(self.signals):
@@ -68,7 +70,12 @@ class Controller:
 
     @classmethod
     def from_genome(cls, genome: dict[str, float], signals: tuple[str, ...] = SIGNALS) -> Controller:
-        return cls(tuple(float(genome.get(f"m_{s}", 0.0)) for s in signals), float(genome.get("m_bias", 0.0)), signals)
+        return cls(
+            tuple(float(genome.get(f"m_{s}", 0.0)) for s in signals),
+            float(genome.get("m_bias", 0.0)),
+            signals,
+            wait=float(genome.get("m_wait", 0.0)),
+        )
 
     def reset(self) -> None:
         """A new lifetime: the urge of one label (the first is bought at once, as paced-B does:
@@ -80,7 +87,8 @@ class Controller:
 
     def __call__(self, s: dict[str, float], t: int, n: int, oracle: Oracle, rng: np.random.Generator) -> bool:
         self.urge += oracle.budget / max(n - len(oracle.free_positions), 1)  # the arrivals M decides on
-        if self.urge >= 1.0 - self.score(s) - 1e-9:
+        delay = max(0.0, self.wait + self.score(s) - self.bias)
+        if self.urge >= 1.0 - self.bias + delay - 1e-9:
             self.urge -= 1.0
             return True
         return False
