@@ -314,6 +314,7 @@
     const dpr = window.devicePixelRatio || 1;
     const ctx = canvas.getContext("2d");
     const W = canvas.clientWidth, H = canvas.clientHeight;
+    if (!W || !H) { dirty = true; return; } // not laid out yet: the canvas's ResizeObserver paints it once it is
     const same = baseView && baseView.sx === view.sx && baseView.sy === view.sy && baseView.tx === view.tx
       && baseView.ty === view.ty && baseView.selGen === selGen && baseView.W === W && baseView.H === H && baseView.dpr === dpr;
     if (!same && (!interacting || !baseView || baseView.W !== W || baseView.H !== H || baseView.dpr !== dpr)) renderBase(W, H, dpr);
@@ -479,6 +480,7 @@
     zoomAt(e.clientX - b.left, e.clientY - b.top, Math.exp(-e.deltaY * 0.0015), e.shiftKey);
   }, { passive: false });
   window.addEventListener("resize", resize);
+  if (window.ResizeObserver) new ResizeObserver(() => resize()).observe(canvas);
 
   // -- a variant's card --------------------------------------------------------------------------
   function fmt(v) {
