@@ -22,6 +22,7 @@ from forkpop.population.genome import GenomeSpec
 from forkpop.population.models import load_flat_weights
 from forkpop.population.state import Evaluations, RunState, seed_of
 from forkpop.population.variant import Origin, Variant
+from forkpop.selection.distill import student_init
 from forkpop.selection.distiller import Student
 from forkpop.selection.operators import inherit_genome
 from forkpop.selection.strategies import TeacherGroup
@@ -78,7 +79,7 @@ class PolicyDistiller:
             mean = (share[:, None, None] * probs).sum(0)
             own = probs[who, torch.arange(len(x))]
             target = self.own_niche * own + (1 - self.own_niche) * mean
-        w0 = self._init(state.seeds[group.slot].weights, tw, share)
+        w0 = student_init(self.init, state.seeds[group.slot].weights, tw, share.tolist(), [1.0] * len(members))
         gen = torch.Generator().manual_seed(seed_of(rng))
         load_flat_weights(model, w0)
         params = list(model.parameters())
@@ -107,15 +108,6 @@ class PolicyDistiller:
             group.name, genome, state.generation + 1, Origin.DISTILL, tuple(variants[i].id for i in members)
         )
         return Student(variant, best_w, best_f, group.slot, group.merge)
-
-    def _init(self, seed: torch.Tensor, tw: torch.Tensor, share: torch.Tensor) -> torch.Tensor:
-        if self.init == "previous":
-            return seed.clone()
-        if self.init == "best":
-            return tw[0].clone()
-        if self.init in ("average", "data_average"):
-            return (share[:, None] * tw).sum(0)
-        raise ValueError(f"unknown distill.init {self.init!r}; use previous, best or average")
 
 
 register("distillers", "policy_kd", PolicyDistiller)

@@ -19,13 +19,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from forkpop.population.forking import perturb_weights
 from forkpop.population.models import accuracy, load_flat_weights
 from forkpop.workers.abm import POLICIES, Controller, live
 from forkpop.workers.budget import LabelLedger, Oracle, budget_labels, deal_classes, drift_order
 from forkpop.workers.classification import ClassificationWorld
 from forkpop.workers.data import DataBundle, load_data
-from forkpop.workers.learner import ForkTask, LearnerSpec, LearnResult
+from forkpop.workers.learner import ForkTask, LearnerSpec, LearnResult, fork_weights
 
 POLICY_NAMES = ("evolved", "shuffled_m", *POLICIES)
 
@@ -99,8 +98,7 @@ class BudgetLearner:
         out_w, results = [], []
         for task in tasks:
             t0 = time.perf_counter()
-            seed = seed_weights[task.seed_index] if seed_weights.dim() == 2 else seed_weights
-            w = perturb_weights(seed, task.genome.get("fork_noise", 0.0), torch.Generator().manual_seed(task.seed))
+            seed, w = fork_weights(seed_weights, task)
             niche = task.niche % len(self.data.niches)
             stream = stream_of(self.data, niche, self.spec.phases, self.spec.base.data.seed, self.spec.deal)
             ledger = LabelLedger()

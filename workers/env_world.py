@@ -37,12 +37,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from forkpop.population.forking import perturb_weights
 from forkpop.population.models import linear_chain
 from forkpop.population.world import World
 from forkpop.workers.abm import Controller
 from forkpop.workers.data import DataError
-from forkpop.workers.learner import ForkTask, LearnResult, ModelSpec
+from forkpop.workers.learner import ForkTask, LearnResult, ModelSpec, fork_weights
 from torch import nn
 
 ENV_SIGNALS = ("entropy", "own_return", "demo_gap", "progress", "surprise", "time")
@@ -358,8 +357,7 @@ class EnvLearner:
         out_w, results = [], []
         for task in tasks:
             t0 = time.perf_counter()
-            seed = seed_weights[task.seed_index] if seed_weights.dim() == 2 else seed_weights
-            w = perturb_weights(seed, task.genome.get("fork_noise", 0.0), torch.Generator().manual_seed(task.seed))
+            seed, w = fork_weights(seed_weights, task)
             rng = np.random.default_rng([task.seed, task.niche, 0xE1])
             self.demo.load(seed)
             lt = live_env(

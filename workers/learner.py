@@ -207,6 +207,15 @@ class ForkTask:
     payload: Any = field(default=None, compare=False)  # what the world adds to its niche (generated text)
 
 
+def fork_weights(seed_weights: torch.Tensor, task: ForkTask) -> tuple[torch.Tensor, torch.Tensor]:
+    """The task's seed and its variant at birth: the seed's weights with the task's own seeded
+    fork noise (gene ``fork_noise``). ``seed_weights`` is one seed ``(n_params,)`` or one per
+    species ``(n_species, n_params)``; every world's learner forks through this."""
+    seed = seed_weights[task.seed_index] if seed_weights.dim() == 2 else seed_weights
+    gen = torch.Generator().manual_seed(task.seed)
+    return seed, perturb_weights(seed, float(task.genome.get("fork_noise", 0.0)), gen)
+
+
 @dataclass
 class LearnResult:
     """What a worker returns for one variant. Workers never log; the driver does.
@@ -321,13 +330,7 @@ class GroupLearner:
         return [r.describe() for r in reports]
 
     def fork(self, seed_weights: torch.Tensor, task: ForkTask) -> torch.Tensor:
-        """The task's variant at birth: its seed's weights with its own seeded fork noise.
-
-        ``seed_weights`` is one seed ``(n_params,)`` or one per species ``(n_species, n_params)``.
-        """
-        seed = seed_weights[task.seed_index] if seed_weights.dim() == 2 else seed_weights
-        gen = torch.Generator().manual_seed(task.seed)
-        return perturb_weights(seed, task.genome.get("fork_noise", 0.0), gen)
+        return fork_weights(seed_weights, task)[1]
 
     def _learn_batched(
         self, seed_weights: torch.Tensor, tasks: list[ForkTask]

@@ -25,11 +25,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from forkpop.population.forking import perturb_weights
 from forkpop.population.lm import ByteLM, PopulationLM
 from forkpop.population.lm import LMConfig as ArchConfig
 from forkpop.population.world import World
-from forkpop.workers.learner import ForkTask, LearnResult
+from forkpop.workers.learner import ForkTask, LearnResult, fork_weights
 from forkpop.workers.text import TextCorpus, TextSpec, load_text, windows
 
 from forkpop.plugins import register
@@ -191,9 +190,7 @@ class TextLearner:
         return {"device": self.device, "engine": "lm-stacked", "reason": ""}
 
     def fork(self, seed_weights: torch.Tensor, task: ForkTask) -> torch.Tensor:
-        seed = seed_weights[task.seed_index] if seed_weights.dim() == 2 else seed_weights
-        gen = torch.Generator().manual_seed(task.seed)
-        return perturb_weights(seed, float(task.genome.get("fork_noise", 0.0)), gen)
+        return fork_weights(seed_weights, task)[1]
 
     def learn(self, seed_weights: torch.Tensor, tasks: list[ForkTask]) -> tuple[torch.Tensor, list[LearnResult]]:
         """Fork each task's seed and learn its niche (real text, and the task's generated
