@@ -82,12 +82,16 @@ class Controller:
         a label held early teaches in every later step)."""
         self.urge = 1.0
 
+    def weighed(self, s: dict[str, float]) -> float:
+        """``sum(weights[i] * signal[i])``."""
+        return sum(w * s[k] for w, k in zip(self.weights, self.signals, strict=True))
+
     def score(self, s: dict[str, float]) -> float:
-        return self.bias + sum(w * s[k] for w, k in zip(self.weights, self.signals, strict=True))
+        return self.bias + self.weighed(s)
 
     def __call__(self, s: dict[str, float], t: int, n: int, oracle: Oracle, rng: np.random.Generator) -> bool:
         self.urge += oracle.budget / max(n - len(oracle.free_positions), 1)  # the arrivals M decides on
-        delay = max(0.0, self.wait + self.score(s) - self.bias)
+        delay = max(0.0, self.wait + self.weighed(s))
         if self.urge >= 1.0 - self.bias + delay - 1e-9:
             self.urge -= 1.0
             return True

@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 from forkpop.population.models import linear_chain
+from forkpop.population.optim import AdamState, adam_step
 from forkpop.population.world import World
 from forkpop.workers.abm import Controller
 from forkpop.workers.data import DataError
@@ -45,7 +46,6 @@ from forkpop.workers.learner import ForkTask, LearnResult, ModelSpec, fork_weigh
 from torch import nn
 
 ENV_SIGNALS = ("entropy", "own_return", "demo_gap", "progress", "surprise", "time")
-ENV_POLICIES = ("evolved", "act", "observe", "random")
 SPLIT_CODES = {"probe": 1, "accept": 2, "test": 3, "transfer": 4}
 
 
@@ -171,19 +171,6 @@ def episode_seeds(run_seed: int, split: str, n: int) -> np.ndarray:
     return code * 10**7 + np.random.default_rng([run_seed, code, 0xE]).choice(10**7, size=n, replace=False)
 
 
-class Adam:
-    def __init__(self, n: int, lr: float, b1: float = 0.9, b2: float = 0.999):
-        self.m, self.v, self.k, self.lr, self.b1, self.b2 = np.zeros(n), np.zeros(n), 0, lr, b1, b2
-
-    def step(self, w: np.ndarray, g: np.ndarray) -> None:
-        """Ascend ``g``."""
-        self.k += 1
-        self.m = self.b1 * self.m + (1 - self.b1) * g
-        self.v = self.b2 * self.v + (1 - self.b2) * g * g
-        mh, vh = self.m / (1 - self.b1**self.k), self.v / (1 - self.b2**self.k)
-        w += self.lr * mh / (np.sqrt(vh) + 1e-8)
-
-
 @dataclass
 class EnvLifetime:
     """What one lifetime did: its weights, the mode of each episode (``B`` acted, ``A``
@@ -225,7 +212,8 @@ def live_env(
     is the seed whose greedy episodes a variant that observes imitates; ``m(signals, rng)`` says
     act (True) or observe."""
     policy.load(weights)
-    opt = Adam(policy.n, lr)
+    flat = torch.from_numpy(policy.flat)  # the policy's weights, shared: Adam steps them in place
+    opt = AdamState([flat])
     n_act = policy.shapes[-1][0]
     out = EnvLifetime(policy.flat, [], [], [], [], [])
     used, own, demo_ret, mean_ret, n_own = 0, 0.0, 0.0, 0.0, 0
@@ -267,7 +255,7 @@ def live_env(
             demo_ret = float(r.sum())
             p = softmax(policy.forward(x))
             d = (np.eye(n_act)[a] - p) / T  # ascending the log-likelihood of the seed's actions
-        opt.step(policy.flat, policy.grad(x, d))
+        adam_step([flat], [torch.from_numpy(-policy.grad(x, d))], opt, lr=lr)  # ascends the objective
         out.modes.append("B" if act else "A")
         out.starts.append(used)
         out.lengths.append(T)
@@ -496,10 +484,12 @@ class EnvWorld(World):
         alive = [i for i, r in enumerate(ev.results) if r.status == "ok"]
         rets = [float(self.episode_returns(ev.weights[i], "test").mean()) for i in alive]
         ms = [ev.results[i].metrics for i in alive]
-        seed = result.state.seeds[result.state.best_slot()]
+        seed_return = result.figures.get("evaluate", {}).get("seed_test_accuracy")  # the held-out report's
+        if seed_return is None:
+            seed_return = self.fitness(result.model, result.state.seeds[result.state.best_slot()].weights, "test")
         figures = {
             "env.median_return": float(np.median(rets)) if rets else float("nan"),
-            "env.seed_return": float(self.episode_returns(seed.weights, "test").mean()),
+            "env.seed_return": float(seed_return),
             "env.switches": float(np.median([m["env.switches"] for m in ms])) if ms else float("nan"),
             "env.observe_share": float(np.mean([m["env.observe_share"] for m in ms])) if ms else float("nan"),
         }
@@ -511,9 +501,7 @@ def env_world(cfg: Any) -> EnvWorld:
     """The environment world of ``cfg`` (``data.world: env``)."""
     from forkpop.experiments.specs import model_spec
 
-    e = cfg.env
-    if e.policy not in ENV_POLICIES:
-        raise EnvError(f"unknown env.policy {e.policy!r}; use one of {ENV_POLICIES}")
+    e = cfg.env  # env.policy is one of the config's (EnvConfig.policy)
     spec = EnvSpec(
         e.id, model_spec(cfg), cfg.run.seed, e.lifetime_steps, e.eval_episodes, e.gamma, e.policy, e.probe_states,
         cfg.run.torch_threads,
