@@ -149,11 +149,14 @@ def test_a_cartpole_run_on_ray_workers(tmp_path, tracking_uri, ray_session):
     assert local.summary["history"][0]["world"] == r.summary["history"][0]["world"]  # the same lifetimes
 
 
-def test_a_bad_environment_is_one_line(tmp_path):
+@pytest.mark.parametrize(
+    ("setting", "named"), [("env.id=NoSuchEnv-v0", "env.id"), ("model.family=cnn", "model.family")]
+)
+def test_a_bad_environment_or_policy_is_one_line(tmp_path, setting, named):
     out = subprocess.run(
-        [sys.executable, "-m", "forkpop.experiments.cli", "run", "cartpole", "--set", "env.id=NoSuchEnv-v0"],
+        [sys.executable, "-m", "forkpop.experiments.cli", "run", "cartpole", "--set", setting],
         capture_output=True, text=True, cwd=tmp_path, timeout=120,
     )  # fmt: skip
     assert out.returncode == 2, out.stderr
     lines = out.stderr.strip().splitlines()
-    assert len(lines) == 1 and "env.id" in lines[0] and "Traceback" not in out.stderr
+    assert len(lines) == 1 and named in lines[0] and "Traceback" not in out.stderr

@@ -75,7 +75,10 @@ class NumpyPolicy:
     def __init__(self, model: nn.Module):
         chain = linear_chain(model)
         if chain is None:
-            raise EnvError("the environment world's policies are Linear layers with ReLU or tanh between them")
+            raise EnvError(
+                "the environment world's policies are Linear layers with ReLU or tanh between them; "
+                "use model.family linear or mlp"
+            )
         self.shapes: list[tuple[int, int]] = []
         self.acts: list[str] = []
         for m in chain:
@@ -84,7 +87,10 @@ class NumpyPolicy:
             elif isinstance(m, (nn.ReLU, nn.Tanh)):
                 self.acts.append("relu" if isinstance(m, nn.ReLU) else "tanh")
             else:
-                raise EnvError(f"the environment world's policies take ReLU or tanh, not {type(m).__name__}")
+                raise EnvError(
+                    f"the environment world's policies take ReLU or tanh, not {type(m).__name__}; "
+                    "use model.family linear or mlp"
+                )
         self.n = sum(o * i + o for o, i in self.shapes)
         self.flat = np.zeros(self.n)
 
