@@ -463,6 +463,12 @@ class BudgetConfig(_Strict):
     observe_weight: float = Field(
         0.5, ge=0, description="Weight of an observed arrival's pseudo-label in its step (0: System A learns nothing)."
     )
+    anchor: float = Field(
+        0.0,
+        ge=0,
+        description="System A's consistency with what the variant knew at birth: each step also fits, at this "
+        "weight, its birth predictions on up to `replay` inputs of its stream seen so far (0: off).",
+    )
 
 
 class EnvConfig(_Strict):

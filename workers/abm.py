@@ -16,7 +16,8 @@ small batch: the arrival and up to ``replay - 1`` earlier labels drawn from all 
 The signals, each in about [0, 1]: ``margin`` (top-1 minus top-2 probability of the arrival),
 ``novelty`` (its distance to the nearest input seen, over the running mean of such
 distances, halved and capped at 1), ``unlabelled`` (the same for its distance to the nearest
-input it holds a label for: how far the arrival is from what it knows), ``progress`` (how
+input it holds a label for: how far the arrival is from what it knows), ``uncovered`` (1 when
+the class it predicts for the arrival is one it holds no label of, else 0), ``progress`` (how
 much the predictions on a fixed probe, which the variant cannot choose, moved since the last
 arrival, scaled), ``surprise`` (the loss on the last free label, over log C), ``budget_left``
 and ``time`` (the share of the stream read). :class:`Controller` is M as genes: a score
@@ -37,7 +38,7 @@ from forkpop.population.models import load_flat_weights
 from forkpop.workers.budget import Oracle
 from torch import nn
 
-SIGNALS = ("margin", "novelty", "unlabelled", "progress", "surprise", "budget_left", "time")
+SIGNALS = ("margin", "novelty", "unlabelled", "uncovered", "progress", "surprise", "budget_left", "time")
 
 
 @dataclass
@@ -189,6 +190,7 @@ def live(
     replay: int = 16,
     confident: float = 0.9,
     observe_weight: float = 0.5,
+    anchor: float = 0.0,
     fed_signals: np.ndarray | None = None,
 ) -> Lifetime:
     """One lifetime of ``model`` from ``weights`` over the stream ``x[oracle.stream]``.
@@ -208,9 +210,11 @@ def live(
     xs = x[torch.from_numpy(stream)]
     held_x: list[torch.Tensor] = []
     held_y: list[int] = []
+    held_classes: set[int] = set()
     dist_mean, surprise = 1.0, 0.0
     with torch.no_grad():
         probe_p = F.softmax(model(probe), 1)
+        born_p = F.softmax(model(xs), 1) if anchor > 0 else None  # what it knew at birth, on its stream
     out = Lifetime(weights=weights, signals=np.zeros((n, len(SIGNALS))))
     progress = 0.0
     sigs = out.signals
@@ -234,6 +238,7 @@ def live(
             "margin": float(top[0] - top[1]),
             "novelty": novelty,
             "unlabelled": unlabelled,
+            "uncovered": float(int(p.argmax()) not in held_classes),
             "progress": min(1.0, progress),
             "surprise": surprise,
             "budget_left": oracle.left / max(oracle.budget, 1),
@@ -263,12 +268,16 @@ def live(
         by = [label] + [held_y[i] for i in pick]
         w = torch.tensor([weight] + [1.0] * (len(by) - 1))
         loss = (F.cross_entropy(model(torch.cat(bx)), torch.tensor(by), reduction="none") * w).sum() / w.sum()
+        if born_p is not None:  # consistency with its birth self on inputs seen so far (learning without forgetting)
+            seen = rng.choice(t + 1, size=min(replay, t + 1), replace=False)
+            loss = loss + anchor * F.cross_entropy(model(xs[seen]), born_p[seen])
         opt.zero_grad()
         loss.backward()
         opt.step()
         if mode != "A":
             held_x.append(xi)
             held_y.append(label)
+            held_classes.add(label)
         with torch.no_grad():
             new_p = F.softmax(model(probe), 1)
             progress = float((new_p - probe_p).abs().sum(1).mean()) * 10.0

@@ -41,6 +41,7 @@ class BudgetLearnerSpec:
     policy: str = "evolved"
     replay: int = 16
     observe_weight: float = 0.5
+    anchor: float = 0.0
     probe: int = 64
     learner: str = "forkpop.workers.budget_world:BudgetLearner"  # resolvable in any worker
     import_roots: tuple[str, ...] = field(default=())
@@ -124,11 +125,13 @@ class BudgetLearner:
                     lr=lr,
                     replay=self.spec.replay,
                     observe_weight=self.spec.observe_weight,
+                    anchor=self.spec.anchor,
                 )
                 fed = first.signals[np.random.default_rng([task.seed, 13]).permutation(len(stream))]
             lt = live(
                 self.model, w, self.x_pool, oracle, self.policy(task.genome), self.probe, rng,
                 lr=lr, replay=self.spec.replay, fed_signals=fed, observe_weight=self.spec.observe_weight,
+                anchor=self.spec.anchor,
             )  # fmt: skip
             counts = ledger.counts()
             val = accuracy(load_flat_weights(self.model, lt.weights), self.x_val, self.y_val)
@@ -223,5 +226,6 @@ def budget_world(cfg: Any) -> BudgetWorld:
     b = cfg.budget
     if b.policy not in POLICY_NAMES:
         raise ValueError(f"unknown budget.policy {b.policy!r}; use one of {POLICY_NAMES}")
-    spec = BudgetLearnerSpec(base.spec, b.share, b.free, b.phases, b.deal, b.policy, b.replay, b.observe_weight)
+    spec = BudgetLearnerSpec(base.spec, b.share, b.free, b.phases, b.deal, b.policy, b.replay, b.observe_weight,
+                             b.anchor)
     return BudgetWorld(base.data, spec)
