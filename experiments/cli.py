@@ -410,6 +410,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default as for run)")
     p.add_argument("--backend", choices=["auto", "ray", "local"], default=None, help="override run.backend")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--jobs", type=int, default=None, help="abm study: runs at once, each in its own process (default: the cores)"
+    )
     p.set_defaults(func=cmd_study)
 
     store = "MLflow tracking URI (default: MLFLOW_TRACKING_URI, else runs/mlflow.db here)"

@@ -80,13 +80,14 @@ def test_a_bad_budget_policy_is_one_line(tmp_path):
 
 
 def test_the_abm_study_smoke_writes_its_table(tmp_path, tracking_uri):
-    """`forkpop study abm` on one partition, one generation, 4 variants: the issue's study.json."""
+    """`forkpop study abm` on one partition, one generation, 4 variants: the issue's study.json,
+    its runs two at a time in their own processes, every one of them in the one MLflow store."""
     import subprocess
     import sys
 
     out = subprocess.run(
         [sys.executable, "-m", "forkpop.experiments.cli", "study", "abm", "--out", str(tmp_path / "abm"),
-         "--partitions", "0", "--quiet", "--tracking-uri", tracking_uri,
+         "--partitions", "0", "--quiet", "--tracking-uri", tracking_uri, "--jobs", "2",
          *[a for s in ["run.generations=1", "data.n_niches=4", "population.size=4", "selection.k=2",
                        "distill.steps=10", f"run.run_dir={tmp_path}"] for a in ("--set", s)]],
         capture_output=True, text=True, cwd=tmp_path, timeout=600,
@@ -100,7 +101,13 @@ def test_the_abm_study_smoke_writes_its_table(tmp_path, tracking_uri):
         assert all(len(v) == 1 and 0 <= v[0] <= 1 for v in study["budgets"][b].values())
         assert 0 <= study["late_budget_share"][b] <= 1 and study["switches_median"][b] >= 0
         assert 0.5 < study["pooled_reference"][b] <= 1
-    assert len(study["runs"]) == 14 and all(r["mlflow_run_id"] for r in study["runs"])
+    assert len(study["runs"]) == 14 and all(r["mlflow_run_id"] for r in study["runs"]) and study["jobs"] == 2
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    for r in study["runs"]:  # written by two processes into one SQLite store: none lost
+        got = client.get_run(r["mlflow_run_id"])
+        assert got.info.status == "FINISHED" and got.data.params["budget.share"] == str(r["budget"])
     assert "| 0.1 | pooled reference |" in out.stdout
 
 
