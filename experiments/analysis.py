@@ -10,6 +10,7 @@ import base64
 import html
 import json
 import tempfile
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -272,7 +273,7 @@ def plot_series(runs: list[RunData], keys: list[str], title: str, path: Path) ->
         return False
     ax.set_xlabel("generation")
     ax.set_ylabel(", ".join(k.removeprefix("div.") for k in keys) if len(keys) < 3 else "value")
-    ax.set_title(title)
+    ax.set_title("\n".join(textwrap.wrap(title, 64)))  # a long title in lines, not cut at the figure's edge
     ax.grid(alpha=0.3)
     if drawn > 4:  # many curves: the legend beside the axes, not over them
         fig.set_size_inches(10, 4.5)
