@@ -8,8 +8,9 @@ that M uses its signals' timing). ``DIR/study.json`` holds, per budget and polic
 seed's test accuracy per partition (reported only; with ``--seeds 0,1`` the mean over those run
 seeds, each run's in ``runs``), the evolved forks' median share of budget
 spent after their stream's midpoint and median switches (last generation), and the pooled
-reference: one logistic regression over the whole pool with the same share, margin queries
-paced over the stream (:func:`forkpop.workers.budget.reference_accuracy`).
+reference: one learner over the whole pool with the same share, margin queries paced over the
+stream, and label spreading over the pool's inputs from the labels bought (with the logistic
+regression that chose the queries alone beside it; :func:`forkpop.workers.budget.reference_accuracy`).
 """
 
 from __future__ import annotations
@@ -51,14 +52,11 @@ def run_study(
     late: dict[str, list[float]] = {str(b): [] for b in budgets}
     switches: dict[str, list[float]] = {str(b): [] for b in budgets}
     pooled: dict[str, list[float]] = {str(b): [] for b in budgets}
+    pooled_lr: dict[str, list[float]] = {str(b): [] for b in budgets}
     runs: list[dict[str, Any]] = []
     t0 = time.perf_counter()
     jobs_list = [
-        (b, part, policy, run_seed)
-        for b in budgets
-        for part in partitions
-        for policy in POLICIES
-        for run_seed in seeds
+        (b, part, policy, run_seed) for b in budgets for part in partitions for policy in POLICIES for run_seed in seeds
     ]
 
     def sets_of(b: float, part: int, policy: str, run_seed: int) -> list[str]:
@@ -105,12 +103,17 @@ def run_study(
             data = load_data(data_spec(cfg))
             deal = world_deal(data, cfg.budget.phases, part) if cfg.budget.deal == "world" else None
             pooled[str(b)].append(reference_accuracy(data, b, "paced_b", cfg.budget.phases, part, deal))
+            pooled_lr[str(b)].append(
+                reference_accuracy(data, b, "paced_b", cfg.budget.phases, part, deal, learner="logistic")
+            )
     study = {
         "budgets": acc,
         "late_budget_share": {k: float(np.nanmedian(v)) if v else float("nan") for k, v in late.items()},
         "switches_median": {k: float(np.nanmedian(v)) if v else float("nan") for k, v in switches.items()},
         "pooled_reference": {k: float(np.mean(v)) for k, v in pooled.items()},
         "pooled_reference_per_partition": pooled,
+        "pooled_reference_logistic": {k: float(np.mean(v)) for k, v in pooled_lr.items()},
+        "pooled_reference_logistic_per_partition": pooled_lr,
         "partitions": partitions,
         "run_seeds": list(seeds),
         "overrides": overrides,

@@ -455,7 +455,7 @@ class BudgetConfig(_Strict):
         description="When to buy: evolved (System M, the genome's m_* genes; shuffled_m: M fed its own "
         "lifetime's signals in another order, the control), or a fixed policy: fixed_a (free "
         "labels only), greedy_b (buy until the budget is spent), paced_b (unsure inputs at a steady pace), "
-        "random, bandit (EXP3 over observing and buying).",
+        "random, bandit (EXP3 over query strategies: margin, distance to the labelled, pace; paced as paced_b).",
     )
     replay: int = Field(
         16, ge=1, description="Mini-batch of a labelled arrival: it and earlier labels drawn at random."

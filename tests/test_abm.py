@@ -126,9 +126,33 @@ def test_the_anchor_keeps_what_the_variant_knew_at_birth(world):
         before = born(x).argmax(1)
     agree = {}
     for anchor in (0.0, 1.0):
-        oracle = Oracle(data.y_pool, stream, budget_labels(0.1, len(stream)), 0.01, np.random.default_rng(1), LabelLedger(), "v")
+        budget = budget_labels(0.1, len(stream))
+        oracle = Oracle(data.y_pool, stream, budget, 0.01, np.random.default_rng(1), LabelLedger(), "v")
         lt = live(born, w0, torch.from_numpy(data.x_pool), oracle, POLICIES["paced_b"](),
                   torch.from_numpy(data.x_val[:32]), np.random.default_rng(2), lr=0.3, anchor=anchor)  # fmt: skip
         with torch.no_grad():
             agree[anchor] = float((load_flat_weights(born, lt.weights)(x).argmax(1) == before).float().mean())
     assert agree[1.0] > agree[0.0] + 0.08, agree  # measured: 0.83 vs 0.69
+
+
+def test_the_bandit_paces_its_strategies_and_weighs_them_by_the_progress_they_bought(world):
+    bandit = POLICIES["bandit"]()
+    lt, o, ledger, _ = _live(world, bandit)
+    assert o.budget - 1 <= o.spent <= o.budget and ledger.counts()["query"] == o.spent
+    assert 0.3 <= lt.late_share() <= 0.7 and lt.switches >= 2  # paced, not greedy
+    assert not np.allclose(bandit.w, 1.0)  # the purchases' progress moved the strategies' weights
+    p = bandit.probs()
+    assert abs(p.sum() - 1) < 1e-9 and (p >= bandit.gamma / len(p) - 1e-12).all()  # its exploration floor
+    again, _, _, _ = _live(world, POLICIES["bandit"]())
+    assert again.spent_at == lt.spent_at  # seeded: the same draws
+
+
+def test_label_spreading_over_the_pool_learns_more_from_few_labels_than_the_classifier_that_bought_them(world):
+    from forkpop.workers.budget import fit_reference, spread_labels
+
+    data, _ = world
+    held = np.random.default_rng(0).choice(len(data.y_pool), size=40, replace=False)
+    lr = fit_reference(data.x_pool[held], data.y_pool[held])
+    spread = spread_labels(data.x_pool, data.y_pool, held, data.x_val, fallback=lr)
+    assert spread.shape == data.y_val.shape and set(np.unique(spread)) <= set(np.unique(data.y_pool[held]))
+    assert (spread == data.y_val).mean() > (lr.predict(data.x_val) == data.y_val).mean() + 0.03

@@ -4,6 +4,7 @@ import json
 import os
 
 import pytest
+import torch
 from forkpop.experiments.tracking import artifact_jsons, table_rows
 
 import forkpop
@@ -22,7 +23,7 @@ def _run(tmp_path, tracking_uri, *extra):
         os.chdir(cwd)
 
 
-@pytest.mark.parametrize("policy", ["evolved", "fixed_a", "greedy_b"])
+@pytest.mark.parametrize("policy", ["evolved", "fixed_a", "greedy_b", "shuffled_m"])
 def test_a_budget_run_buys_within_its_budget_and_records_every_label(tmp_path, tracking_uri, policy):
     from mlflow import MlflowClient
 
@@ -43,6 +44,10 @@ def test_a_budget_run_buys_within_its_budget_and_records_every_label(tmp_path, t
     for row in rows:
         assert 0 <= row["budget.labels_bought"] <= row["budget.budget"]
         assert row["budget.labels_free"] >= 1 and 0 <= row["budget.late_share"] <= 1
+        # the control's first lifetime (which makes the signals it shuffles) reads labels too, counted apart
+        control = row["budget.labels_control"]
+        most = row["budget.budget"] + row["budget.labels_free"]
+        assert (1 <= control <= most) if policy == "shuffled_m" else control == 0
     bought = [row["budget.labels_bought"] for row in rows]
     if policy == "fixed_a":
         assert bought == [0] * len(rows)
@@ -100,7 +105,7 @@ def test_the_abm_study_smoke_writes_its_table(tmp_path, tracking_uri):
         assert set(study["budgets"][b]) == policies
         assert all(len(v) == 1 and 0 <= v[0] <= 1 for v in study["budgets"][b].values())
         assert 0 <= study["late_budget_share"][b] <= 1 and study["switches_median"][b] >= 0
-        assert 0.5 < study["pooled_reference"][b] <= 1
+        assert 0.5 < study["pooled_reference"][b] <= 1 and 0.5 < study["pooled_reference_logistic"][b] <= 1
     assert len(study["runs"]) == 14 and all(r["mlflow_run_id"] for r in study["runs"]) and study["jobs"] == 2
     from mlflow import MlflowClient
 
@@ -159,3 +164,19 @@ def test_no_decision_reads_a_test_label(tmp_path, tracking_uri, monkeypatch):
         for key in ("seed_val_accuracy", "best_fitness", "mean_fitness", "teachers", "student_accepted", "world"):
             assert x[key] == y[key], key
     assert a.summary["seed_test_accuracy"] != b.summary["seed_test_accuracy"]  # the report did read them
+
+
+def test_the_world_itself_holds_no_niche_label():
+    """Only the oracle reads the niches' labels: the world that selection and distillation see
+    has none to give or to score on (its probe labels are selection's, counted)."""
+    from pathlib import Path
+
+    from forkpop.experiments import configs
+    from forkpop.experiments.config import load_config
+    from forkpop.workers.budget_world import budget_world
+
+    world = budget_world(load_config(Path(configs.__file__).parent / "abm.yaml", ["data.n_niches=4"]))
+    assert world.labels("transfer") is None and world.labels("test") is None and world.labels("probe") is not None
+    model = world.build_model()
+    with pytest.raises(KeyError):
+        world.fitness(model, torch.nn.utils.parameters_to_vector(model.parameters()), split="transfer")

@@ -121,26 +121,56 @@ def random_b(s: dict, t: int, n: int, oracle: Oracle, rng: np.random.Generator) 
     return bool(rng.random() < oracle.budget / max(n, 1))
 
 
-class Exp3:
-    """A bandit over the two modes (EXP3 with exploration floor ``gamma``): each arrival draws
-    observe or act; the reward of the mode drawn is the probe progress that followed (in
-    [0, 1]), weighted by the inverse of the mode's probability."""
+STRATEGIES = ("margin", "unlabelled", "pace")
 
-    def __init__(self, gamma: float = 0.2):
-        self.gamma, self.w, self.last = gamma, np.ones(2), None
+
+class Exp3:
+    """A bandit over query strategies, paced (ALBL-style: EXP3 with exploration floor ``gamma``
+    over the strategies, Hsu and Lin's "active learning by learning").
+
+    The arms are :data:`STRATEGIES`: ``margin`` buys an unsure arrival (margin under 0.5),
+    ``unlabelled`` one far from every input it holds a label for (signal over 0.5), ``pace``
+    the first arrival the pace allows. As paced-B, it buys only while the spending is behind
+    the pace ``budget * (t + 1) / n``, and buys anyway once it is a label behind. An arm is
+    drawn after each purchase and held until the next; its reward is the learning progress on
+    the probe that the label it bought led to (in [0, 1]), over the arm's probability."""
+
+    def __init__(self, gamma: float = 0.2, strategies: tuple[str, ...] = STRATEGIES):
+        self.gamma, self.strategies = gamma, strategies
+        self.w, self.arm, self.rewarding = np.ones(len(strategies)), None, None
 
     def probs(self) -> np.ndarray:
-        return (1 - self.gamma) * self.w / self.w.sum() + self.gamma / 2
+        k = len(self.w)
+        return (1 - self.gamma) * self.w / self.w.sum() + self.gamma / k
+
+    def reset(self) -> None:
+        """A new lifetime: the strategies' weights from scratch."""
+        self.w, self.arm, self.rewarding = np.ones(len(self.strategies)), None, None
+
+    def _wants(self, strategy: str, s: dict) -> bool:
+        if strategy == "margin":
+            return s["margin"] < 0.5
+        if strategy == "unlabelled":
+            return s["unlabelled"] > 0.5
+        return True
 
     def __call__(self, s: dict, t: int, n: int, oracle: Oracle, rng: np.random.Generator) -> bool:
-        p = self.probs()
-        if self.last is not None:  # the reward of the previous draw: the progress it led to
-            arm, p_arm = self.last
-            self.w[arm] *= math.exp(self.gamma * min(1.0, s["progress"]) / (2 * p_arm))
+        if self.rewarding is not None:  # the progress the last label bought led to
+            arm, p_arm = self.rewarding
+            self.w[arm] *= math.exp(self.gamma * min(1.0, s["progress"]) / (len(self.w) * p_arm))
             self.w /= self.w.max()
-        arm = int(rng.random() < p[1])
-        self.last = (arm, p[arm])
-        return arm == 1
+            self.rewarding = None
+        if self.arm is None:
+            p = self.probs()
+            self.arm = int(rng.choice(len(p), p=p))
+            self.p_arm = float(p[self.arm])
+        pace = oracle.budget * (t + 1) / n
+        if oracle.spent >= pace:
+            return False
+        if self._wants(self.strategies[self.arm], s) or oracle.spent + 1 < pace:
+            self.rewarding, self.arm = (self.arm, self.p_arm), None
+            return True
+        return False
 
 
 POLICIES: dict[str, Callable[[], Policy]] = {

@@ -109,10 +109,12 @@ class BudgetLearner:
                 task.variant_id,
             )  # fmt: skip
             lr = float(task.genome.get("lr", 0.05))
-            fed = None
+            fed, control = None, LabelLedger()
             if self.spec.policy == "shuffled_m":  # M sees its own lifetime's signals, in another order
+                # a first lifetime makes them; the labels it reads are counted apart (budget.labels_control)
                 dry_rng = np.random.default_rng([task.seed, 11])
-                dry = Oracle(self.data.y_pool, stream, oracle.budget, self.spec.free, dry_rng, LabelLedger(), "dry")
+                dry = Oracle(self.data.y_pool, stream, oracle.budget, self.spec.free, dry_rng, control,
+                             f"{task.variant_id}:control")  # fmt: skip
                 m = Controller.from_genome(task.genome)
                 first = live(
                     self.model,
@@ -148,6 +150,7 @@ class BudgetLearner:
                         "budget.late_share": lt.late_share(),
                         "budget.switches": float(lt.switches),
                         "budget.observe_share": lt.modes.count("A") / max(len(lt.modes), 1),
+                        "budget.labels_control": float(sum(control.counts().values())),
                     },
                     # M's choice at each arrival (A observed, B bought, F free) and where it spent
                     trace={"modes": "".join(lt.modes), "spent_at": list(lt.spent_at), "budget": int(oracle.budget)},
@@ -165,6 +168,8 @@ class BudgetWorld(ClassificationWorld):
     def __init__(self, bundle: DataBundle, spec: BudgetLearnerSpec):
         super().__init__(bundle, spec.base)
         self.budget_spec = spec
+        # the niches' labels are the oracle's alone: nothing of the world itself may score on them
+        self._y.pop("transfer")
 
     def learner_spec(self) -> BudgetLearnerSpec:
         return self.budget_spec
@@ -203,7 +208,8 @@ def _median(values: list[float]) -> float:
 def measure_lifetimes(results: list[Any]) -> dict[str, float]:
     """A generation's figures of its forks' lifetimes (``budget.*``): the median share of the
     budget spent after the stream's midpoint (of forks that spent any), the median switches,
-    the labels bought and given free, and the mean share of arrivals observed."""
+    the labels bought and given free (and read by the shuffled-signal control's first lifetime),
+    and the mean share of arrivals observed."""
     rs = [r for r in results if "budget.labels_bought" in getattr(r, "metrics", {})]
     if not rs:
         return {}
@@ -213,6 +219,7 @@ def measure_lifetimes(results: list[Any]) -> dict[str, float]:
         "budget.switches": _median([x["budget.switches"] for x in m]),
         "budget.labels_bought": float(sum(x["budget.labels_bought"] for x in m)),
         "budget.labels_free": float(sum(x["budget.labels_free"] for x in m)),
+        "budget.labels_control": float(sum(x.get("budget.labels_control", 0.0) for x in m)),
         "budget.spent_share": float(np.mean([x["budget.labels_bought"] / max(x["budget.budget"], 1) for x in m])),
         "budget.observe_share": float(np.mean([x["budget.observe_share"] for x in m])),
     }
@@ -226,6 +233,7 @@ def budget_world(cfg: Any) -> BudgetWorld:
     b = cfg.budget
     if b.policy not in POLICY_NAMES:
         raise ValueError(f"unknown budget.policy {b.policy!r}; use one of {POLICY_NAMES}")
-    spec = BudgetLearnerSpec(base.spec, b.share, b.free, b.phases, b.deal, b.policy, b.replay, b.observe_weight,
-                             b.anchor)
+    spec = BudgetLearnerSpec(
+        base.spec, b.share, b.free, b.phases, b.deal, b.policy, b.replay, b.observe_weight, b.anchor
+    )
     return BudgetWorld(base.data, spec)
