@@ -151,7 +151,7 @@ class Tracker:
         root = str(artifact_root) if artifact_root is not None else None
         self._proc = ctx.Process(
             target=_writer_main,
-            args=(uri, experiment, root, nice, self._jobs, self._acks, self.patience_s),
+            args=(uri, experiment, root, nice, self._jobs, self._acks, self.patience_s, os.getpid()),
             name="forkpop-tracking",
             daemon=True,
         )
@@ -402,8 +402,10 @@ def _writer_main(
     jobs,
     acks,
     patience_s: float = DEFAULT_PATIENCE_S,
+    driver: int | None = None,
 ) -> None:
-    """The tracking process: writes the queued jobs to MLflow, in order, until ``finish``."""
+    """The tracking process: writes the queued jobs to MLflow, in order, until ``finish``, or
+    until its ``driver`` (the pid that started it) is gone."""
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the driver, which closes the run
@@ -431,7 +433,9 @@ def _writer_main(
     error: str | None = None
     busy = 0.0
     held: list = []  # a job taken while gathering variants, handled next
-    parent = os.getppid()
+    # the driver's pid, as the driver gave it: one killed while this process was still starting
+    # (importing MLflow takes seconds) has already left it to init, and getppid() here would say 1
+    parent = os.getppid() if driver is None else driver
     while True:
         if held:
             job = held.pop()

@@ -148,3 +148,41 @@ def test_with_variant_runs_seeds_every_birth_is_still_in_mlflow(tmp_path):
     assert {k.data.tags["forkpop.origin"] for k in kids} == {"seed", "distill"}
     assert lineage_from_mlflow(s.mlflow_run_id, uri) == run.lineage
     assert len(run.lineage) > len(kids)
+
+
+def test_a_tracker_whose_driver_is_killed_while_it_starts_ends_instead_of_lingering(tmp_path):
+    """A driver SIGKILLed before its tracking process has even imported MLflow leaves that
+    process to init; it still sees that its driver is gone and ends (it used to wait forever,
+    holding the store open)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    code = (
+        "import sys, time\n"
+        "from forkpop.experiments.tracking import Tracker\n"
+        f"t = Tracker('sqlite:///{tmp_path}/m.db', 'e')\n"
+        "print(t._proc.pid, flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    driver = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=tmp_path)
+    writer = int(driver.stdout.readline())
+    os.kill(driver.pid, signal.SIGKILL)  # at once: the writer is still starting
+    driver.wait()
+
+    def alive(pid: int) -> bool:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().split(")")[-1].split()[0] != "Z"
+        except FileNotFoundError:
+            return False
+
+    deadline = time.time() + 60
+    while alive(writer) and time.time() < deadline:
+        time.sleep(0.2)
+    gone = not alive(writer)
+    if not gone:
+        os.kill(writer, signal.SIGKILL)  # no process of this test outlives it
+    assert gone, "the tracking process outlived its killed driver by a minute"
