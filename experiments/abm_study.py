@@ -102,10 +102,9 @@ def run_study(
             cfg = load_config(base, [f"budget.share={b}", f"data.seed={part}", *overrides])
             data = load_data(data_spec(cfg))
             deal = world_deal(data, cfg.budget.phases, part) if cfg.budget.deal == "world" else None
-            pooled[str(b)].append(reference_accuracy(data, b, "paced_b", cfg.budget.phases, part, deal))
-            pooled_lr[str(b)].append(
-                reference_accuracy(data, b, "paced_b", cfg.budget.phases, part, deal, learner="logistic")
-            )
+            ref = reference_accuracy(data, b, "paced_b", cfg.budget.phases, part, deal)
+            pooled[str(b)].append(ref["spreading"])
+            pooled_lr[str(b)].append(ref["logistic"])
     study = {
         "budgets": acc,
         "late_budget_share": {k: float(np.nanmedian(v)) if v else float("nan") for k, v in late.items()},
