@@ -137,15 +137,18 @@ class Exp3:
 
     def __init__(self, gamma: float = 0.2, strategies: tuple[str, ...] = STRATEGIES):
         self.gamma, self.strategies = gamma, strategies
-        self.w, self.arm, self.rewarding = np.ones(len(strategies)), None, None
+        self.reset()
 
     def probs(self) -> np.ndarray:
         k = len(self.w)
         return (1 - self.gamma) * self.w / self.w.sum() + self.gamma / k
 
     def reset(self) -> None:
-        """A new lifetime: the strategies' weights from scratch."""
-        self.w, self.arm, self.rewarding = np.ones(len(self.strategies)), None, None
+        """A new lifetime: the strategies' weights from scratch, no arm drawn, no reward owed."""
+        self.w = np.ones(len(self.strategies))
+        self.arm: int | None = None
+        self.p_arm = 0.0
+        self.rewarding: tuple[int, float] | None = None
 
     def _wants(self, strategy: str, s: dict) -> bool:
         if strategy == "margin":
