@@ -151,7 +151,7 @@ class Tracker:
         root = str(artifact_root) if artifact_root is not None else None
         self._proc = ctx.Process(
             target=_writer_main,
-            args=(uri, experiment, root, nice, self._jobs, self._acks, self.patience_s, os.getpid()),
+            args=(uri, experiment, root, nice, self._jobs, self._acks, os.getpid(), self.patience_s),
             name="forkpop-tracking",
             daemon=True,
         )
@@ -401,8 +401,8 @@ def _writer_main(
     nice: int,
     jobs,
     acks,
+    driver: int,
     patience_s: float = DEFAULT_PATIENCE_S,
-    driver: int | None = None,
 ) -> None:
     """The tracking process: writes the queued jobs to MLflow, in order, until ``finish``, or
     until its ``driver`` (the pid that started it) is gone."""
@@ -435,7 +435,7 @@ def _writer_main(
     held: list = []  # a job taken while gathering variants, handled next
     # the driver's pid, as the driver gave it: one killed while this process was still starting
     # (importing MLflow takes seconds) has already left it to init, and getppid() here would say 1
-    parent = os.getppid() if driver is None else driver
+    parent = driver
     while True:
         if held:
             job = held.pop()
