@@ -155,7 +155,12 @@ def format_table(study: dict[str, Any]) -> str:
 def cmd_abm_study(args: Any) -> int:
     partitions = [int(x) for x in args.partitions.split(",")] if args.partitions else [0, 1, 2, 3, 4]
     seeds = tuple(int(x) for x in args.seeds.split(",")) if args.seeds else (0,)
-    jobs = args.jobs if getattr(args, "jobs", None) else len(os.sched_getaffinity(0))
+    jobs = getattr(args, "jobs", None)
+    if jobs is not None and jobs < 1:
+        from forkpop.experiments.config import ConfigError
+
+        raise ConfigError(f"--jobs is how many runs go at once: 1 or more (got {jobs})")
+    jobs = jobs or len(os.sched_getaffinity(0))
     study = run_study(
         Path(args.out), partitions, list(args.set), args.tracking_uri, progress=not args.quiet, seeds=seeds, jobs=jobs
     )

@@ -84,6 +84,18 @@ def test_a_bad_budget_policy_is_one_line(tmp_path):
     assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1 and "budget.policy" in out.stderr
 
 
+def test_a_study_with_no_jobs_is_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-m", "forkpop.experiments.cli", "study", "abm", "--out", str(tmp_path / "s"), "--jobs", "0"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1 and "--jobs" in out.stderr
+    assert not (tmp_path / "s").exists()
+
+
 def test_the_abm_study_smoke_writes_its_table(tmp_path, tracking_uri):
     """`forkpop study abm` on one partition, one generation, 4 variants: the issue's study.json,
     its runs two at a time in their own processes, every one of them in the one MLflow store."""
