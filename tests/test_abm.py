@@ -156,3 +156,28 @@ def test_label_spreading_over_the_pool_learns_more_from_few_labels_than_the_clas
     spread = spread_labels(data.x_pool, data.y_pool, held, data.x_val, fallback=lr)
     assert spread.shape == data.y_val.shape and set(np.unique(spread)) <= set(np.unique(data.y_pool[held]))
     assert (spread == data.y_val).mean() > (lr.predict(data.x_val) == data.y_val).mean() + 0.03
+
+
+def test_a_linear_chain_s_written_out_step_is_autograd_s_and_a_lifetime_is_the_same_either_way(world, monkeypatch):
+    from forkpop.workers import abm
+    from torch import nn
+
+    torch.manual_seed(0)
+    for act in (nn.ReLU, nn.Tanh, nn.Sigmoid, lambda: nn.LeakyReLU(0.1)):
+        a = nn.Sequential(nn.Linear(64, 24), act(), nn.Linear(24, 10))
+        b = nn.Sequential(nn.Linear(64, 24), act(), nn.Linear(24, 10))
+        b.load_state_dict(a.state_dict())
+        xs, born = torch.randn(30, 64), torch.softmax(torch.randn(30, 10), 1)
+        rows, by, w, seen = [4, 1, 7], torch.tensor([3, 1, 2]), torch.tensor([0.5, 1.0, 1.0]), np.array([0, 3, 9, 20])
+        abm._autograd_step(a, list(a.parameters()), xs, rows, by, w, seen, born, 1.0, 0.1, True)
+        with torch.no_grad():
+            step = abm._ChainStep(abm.linear_chain(b))
+            step(xs[torch.from_numpy(np.concatenate([rows, seen]))], by, w, 3, born[torch.from_numpy(seen)], 1.0, 0.1)
+        for p, q in zip(a.parameters(), b.parameters(), strict=True):
+            assert torch.allclose(p, q, atol=1e-6)
+    # a whole lifetime: the chain's step and autograd's (a model that is no chain) agree
+    fast, _, _, _ = _live(world, POLICIES["paced_b"](), anchor=1.0)
+    monkeypatch.setattr(abm, "linear_chain", lambda m: None)  # every step through autograd
+    slow, _, _, _ = _live(world, POLICIES["paced_b"](), anchor=1.0)
+    assert fast.modes == slow.modes and fast.spent_at == slow.spent_at
+    assert torch.allclose(fast.weights, slow.weights, atol=1e-4)

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.nn.functional as F
-from forkpop.population.models import load_flat_weights
+from forkpop.population.models import linear_chain, load_flat_weights
 from forkpop.workers.budget import Oracle
 from torch import nn
 
@@ -210,6 +210,45 @@ class Lifetime:
         return sum(p >= half for p in self.spent_at) / len(self.spent_at)
 
 
+class _ChainStep:
+    """One SGD step of a Linear / activation chain with its gradient written out (no autograd:
+    on a model this small a step is mostly the autograd engine's overhead). The loss is
+    :func:`live`'s: the weighted cross-entropy of the labelled rows plus ``anchor`` times the
+    soft cross-entropy of the anchor's rows against their targets."""
+
+    def __init__(self, layers: list[nn.Module]):
+        self.layers = layers
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, k: int, soft: torch.Tensor | None,
+                 anchor: float, lr: float) -> None:  # fmt: skip
+        acts = [x]
+        for m in self.layers:
+            acts.append(m(acts[-1]))
+        z = acts[-1]
+        g = F.softmax(z, 1)
+        g[:k] -= F.one_hot(y, z.shape[1]).to(g.dtype)
+        g[:k] *= (w / w.sum())[:, None]
+        if soft is not None:
+            g[k:] -= soft
+            g[k:] *= anchor / len(soft)
+        for i in range(len(self.layers) - 1, -1, -1):
+            m, a_in, a_out = self.layers[i], acts[i], acts[i + 1]
+            if isinstance(m, nn.Linear):
+                g_in = g @ m.weight if i else None
+                m.weight.sub_(g.T @ a_in, alpha=lr)
+                if m.bias is not None:
+                    m.bias.sub_(g.sum(0), alpha=lr)
+                g = g_in
+            elif isinstance(m, nn.ReLU):
+                g = g * (a_out > 0)
+            elif isinstance(m, nn.Tanh):
+                g = g * (1 - a_out * a_out)
+            elif isinstance(m, nn.Sigmoid):
+                g = g * a_out * (1 - a_out)
+            elif isinstance(m, nn.LeakyReLU):
+                g = torch.where(a_in > 0, g, g * m.negative_slope)
+
+
 def live(
     model: nn.Module,
     weights: torch.Tensor,
@@ -237,33 +276,37 @@ def live(
     if hasattr(policy, "reset"):  # a policy with a state (M's urge) starts each lifetime afresh
         policy.reset()
     params = list(model.parameters())
-    opt = torch.optim.SGD(params, lr=lr, momentum=0.0)
     stream = oracle.stream
     n = len(stream)
     xs = x[torch.from_numpy(stream)]
-    held_x: list[torch.Tensor] = []
+    # rows are independent (no batch statistics): one forward may serve several purposes
+    merge = not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    layers = linear_chain(model)
+    chain = _ChainStep(layers) if layers is not None else None
+    with torch.no_grad():
+        dist = torch.cdist(xs, xs).numpy()  # the stream's inputs, pairwise: novelty and nearest label
+        probe_p = F.softmax(model(probe), 1)
+        born_p = F.softmax(model(xs), 1) if anchor > 0 else None  # what it knew at birth, on its stream
+        p_next = F.softmax(model(xs[:1]), 1)[0]
+    held_pos: list[int] = []  # stream positions of the labels held (free or bought)
     held_y: list[int] = []
     held_classes: set[int] = set()
     dist_mean, surprise = 1.0, 0.0
-    with torch.no_grad():
-        probe_p = F.softmax(model(probe), 1)
-        born_p = F.softmax(model(xs), 1) if anchor > 0 else None  # what it knew at birth, on its stream
     out = Lifetime(weights=weights, signals=np.zeros((n, len(SIGNALS))))
     progress = 0.0
     sigs = out.signals
+    n_probe = len(probe)
     for t in range(n):
-        xi = xs[t : t + 1]
-        with torch.no_grad():
-            p = F.softmax(model(xi), 1)[0]
+        p = p_next
         top = torch.topk(p, 2).values
         if t:  # the inputs seen so far are the stream's first t
-            d = float(torch.cdist(xi, xs[:t]).min())
+            d = float(dist[t, :t].min())
             novelty = min(1.0, d / (2 * dist_mean))
             dist_mean += (d - dist_mean) / t
         else:
             novelty = 1.0
-        if held_x:
-            d_held = torch.cdist(xi, torch.cat(held_x))[0]
+        if held_pos:
+            d_held = dist[t, held_pos]
             unlabelled = min(1.0, float(d_held.min()) / (2 * dist_mean))
         else:
             d_held, unlabelled = None, 1.0
@@ -296,25 +339,51 @@ def live(
                     label = held_y[int(d_held.argmin())]
         out.modes.append(mode)
         # replayed: drawn from every label held, so that early phases are not forgotten
-        pick = rng.choice(len(held_x), size=min(replay - 1, len(held_x)), replace=False) if held_x else []
-        bx = [xi] + [held_x[i] for i in pick]
-        by = [label] + [held_y[i] for i in pick]
-        w = torch.tensor([weight] + [1.0] * (len(by) - 1))
-        loss = (F.cross_entropy(model(torch.cat(bx)), torch.tensor(by), reduction="none") * w).sum() / w.sum()
-        if born_p is not None:  # consistency with its birth self on inputs seen so far (learning without forgetting)
-            seen = rng.choice(t + 1, size=min(replay, t + 1), replace=False)
-            loss = loss + anchor * F.cross_entropy(model(xs[seen]), born_p[seen])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+        pick = rng.choice(len(held_pos), size=min(replay - 1, len(held_pos)), replace=False) if held_pos else []
+        rows = [t] + [held_pos[i] for i in pick]
+        by = torch.tensor([label] + [held_y[i] for i in pick])
+        w = torch.tensor([weight] + [1.0] * (len(rows) - 1))
+        seen = rng.choice(t + 1, size=min(replay, t + 1), replace=False) if born_p is not None else None
+        if chain is not None:  # the same step, its gradient written out
+            with torch.no_grad():
+                both = np.concatenate([rows, seen]) if seen is not None else np.asarray(rows)
+                soft = born_p[torch.from_numpy(seen)] if seen is not None else None
+                chain(xs[torch.from_numpy(both)], by, w, len(rows), soft, anchor, lr)
+        else:
+            _autograd_step(model, params, xs, rows, by, w, seen, born_p, anchor, lr, merge)
         if mode != "A":
-            held_x.append(xi)
+            held_pos.append(t)
             held_y.append(label)
             held_classes.add(label)
-        with torch.no_grad():
-            new_p = F.softmax(model(probe), 1)
+        with torch.no_grad():  # the probe after this step, and the next arrival's prediction
+            nxt = xs[min(t + 1, n - 1) : min(t + 1, n - 1) + 1]
+            if merge:
+                both = F.softmax(model(torch.cat([probe, nxt])), 1)
+                new_p, p_next = both[:n_probe], both[n_probe]
+            else:
+                new_p, p_next = F.softmax(model(probe), 1), F.softmax(model(nxt), 1)[0]
             progress = float((new_p - probe_p).abs().sum(1).mean()) * 10.0
             probe_p = new_p
     out.spent_at = list(oracle.spent_at)
     out.weights = torch.nn.utils.parameters_to_vector(params).detach().clone()
     return out
+
+
+def _autograd_step(model, params, xs, rows, by, w, seen, born_p, anchor, lr, merge) -> None:
+    """:func:`live`'s SGD step through autograd (any model; a Linear chain takes :class:`_ChainStep`)."""
+    if seen is not None and merge:  # the batch and the anchor's inputs in one forward
+        logits = model(xs[torch.from_numpy(np.concatenate([rows, seen]))])
+        own, back = logits[: len(rows)], logits[len(rows) :]
+    else:
+        own = model(xs[torch.tensor(rows)])
+        back = model(xs[torch.from_numpy(seen)]) if seen is not None else None
+    loss = (F.cross_entropy(own, by, reduction="none") * w).sum() / w.sum()
+    if back is not None:  # consistency with its birth self on inputs seen so far (learning without forgetting)
+        loss = loss + anchor * F.cross_entropy(back, born_p[torch.from_numpy(seen)])
+    for q in params:
+        q.grad = None
+    loss.backward()
+    with torch.no_grad():  # plain SGD (no momentum, no decay)
+        for q in params:
+            if q.grad is not None:
+                q.sub_(q.grad, alpha=lr)
