@@ -1004,7 +1004,8 @@ class _BulkSql:
                     )
                     if latest is None or (step, value) > (latest["step"], latest["value"]):
                         latest = metric_rows[-1]
-                latest_rows.append(dict(latest))
+                if latest is not None:  # a series with no points writes nothing, as log_batch
+                    latest_rows.append(dict(latest))
         with self.store.ManagedSessionMaker(read_only=False) as session:
             for model, rows in (
                 (SqlRun, runs),

@@ -15,6 +15,7 @@ VARIANTS = [
         {  # (step, value) pairs, as Tracker.log_variant hands them to the writer
             "loss_epoch": list(enumerate([2.0, 1.0, 0.5, 0.5])),
             "train_accuracy_epoch": [(1, 0.1), (2, 0.4), (3, 0.4), (4, math.nan)],
+            "preq_accuracy": [],  # a world with no learning curve (the label-budget world's lifetimes)
         },
     ),
     ("g01-seed", {"forkpop.origin": "distill", "forkpop.parent_ids": "a,b"}, {"gene.lr": "0.2"}, {"x": -math.inf}, {}),
