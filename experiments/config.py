@@ -469,6 +469,13 @@ class BudgetConfig(_Strict):
         description="System A's consistency with what the variant knew at birth: each step also fits, at this "
         "weight, its birth predictions on up to `replay` inputs of its stream seen so far (0: off).",
     )
+    neighbour: float | None = Field(
+        None,
+        ge=0,
+        description="System A's neighbour method: an unsure arrival takes the label of the nearest input the variant "
+        "holds a label for when that one is within this many times the stream's mean nearest-neighbour distance; "
+        "farther, the arrival teaches nothing itself (null: always the nearest label's).",
+    )
 
 
 class EnvConfig(_Strict):

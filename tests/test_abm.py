@@ -181,3 +181,13 @@ def test_a_linear_chain_s_written_out_step_is_autograd_s_and_a_lifetime_is_the_s
     slow, _, _, _ = _live(world, POLICIES["paced_b"](), anchor=1.0)
     assert fast.modes == slow.modes and fast.spent_at == slow.spent_at
     assert torch.allclose(fast.weights, slow.weights, atol=1e-4)
+
+
+def test_system_a_lends_a_neighbour_s_label_only_within_reach(world):
+    # never confident: every observed arrival takes a neighbour's label or teaches nothing
+    never_near, _, _, _ = _live(world, POLICIES["paced_b"](), confident=2.0, neighbour=0.0)
+    silent, _, _, _ = _live(world, POLICIES["paced_b"](), confident=2.0, observe_weight=0.0)
+    lent, _, _, _ = _live(world, POLICIES["paced_b"](), confident=2.0)
+    assert never_near.modes == silent.modes
+    assert torch.allclose(never_near.weights, silent.weights, atol=1e-6)  # out of reach: no pseudo-label at all
+    assert not torch.allclose(lent.weights, silent.weights, atol=1e-4)  # always lent: it learns from them

@@ -6,7 +6,8 @@ variant computes itself:
 
 - **observe** (System A): learn without paying, from a pseudo-label: the variant's own
   prediction where it is confident, else the label of the nearest input it holds a label
-  for (a neighbour method over what it has seen);
+  for, if that one is within ``neighbour`` times the stream's mean nearest-neighbour distance
+  (a neighbour method over what it has seen; farther, the arrival teaches nothing itself);
 - **act** (System B): buy the arriving input's label from the :class:`~forkpop.workers.budget.Oracle`.
 
 A free label, when one arrives, is always taken. Every labelled arrival is one SGD step on a
@@ -263,6 +264,7 @@ def live(
     confident: float = 0.9,
     observe_weight: float = 0.5,
     anchor: float = 0.0,
+    neighbour: float = math.inf,
     fed_signals: np.ndarray | None = None,
 ) -> Lifetime:
     """One lifetime of ``model`` from ``weights`` over the stream ``x[oracle.stream]``.
@@ -335,8 +337,10 @@ def live(
                 mode, weight = "A", observe_weight
                 if float(top[0]) >= confident or d_held is None:
                     label = int(p.argmax())
-                else:
+                elif float(d_held.min()) <= neighbour * dist_mean:
                     label = held_y[int(d_held.argmin())]
+                else:  # unsure, and no label near: the arrival teaches nothing itself
+                    label, weight = int(p.argmax()), 0.0
         out.modes.append(mode)
         # replayed: drawn from every label held, so that early phases are not forgotten
         pick = rng.choice(len(held_pos), size=min(replay - 1, len(held_pos)), replace=False) if held_pos else []

@@ -13,6 +13,7 @@ every label bought or given free (each variant's ``metrics``). The test split is
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,6 +43,7 @@ class BudgetLearnerSpec:
     replay: int = 16
     observe_weight: float = 0.5
     anchor: float = 0.0
+    neighbour: float = math.inf
     probe: int = 64
     learner: str = "forkpop.workers.budget_world:BudgetLearner"  # resolvable in any worker
     import_roots: tuple[str, ...] = field(default=())
@@ -128,12 +130,13 @@ class BudgetLearner:
                     replay=self.spec.replay,
                     observe_weight=self.spec.observe_weight,
                     anchor=self.spec.anchor,
+                    neighbour=self.spec.neighbour,
                 )
                 fed = first.signals[np.random.default_rng([task.seed, 13]).permutation(len(stream))]
             lt = live(
                 self.model, w, self.x_pool, oracle, self.policy(task.genome), self.probe, rng,
                 lr=lr, replay=self.spec.replay, fed_signals=fed, observe_weight=self.spec.observe_weight,
-                anchor=self.spec.anchor,
+                anchor=self.spec.anchor, neighbour=self.spec.neighbour,
             )  # fmt: skip
             counts = ledger.counts()
             val = accuracy(load_flat_weights(self.model, lt.weights), self.x_val, self.y_val)
@@ -234,6 +237,7 @@ def budget_world(cfg: Any) -> BudgetWorld:
     if b.policy not in POLICY_NAMES:
         raise ValueError(f"unknown budget.policy {b.policy!r}; use one of {POLICY_NAMES}")
     spec = BudgetLearnerSpec(
-        base.spec, b.share, b.free, b.phases, b.deal, b.policy, b.replay, b.observe_weight, b.anchor
-    )
+        base.spec, b.share, b.free, b.phases, b.deal, b.policy, b.replay, b.observe_weight, b.anchor,
+        math.inf if b.neighbour is None else b.neighbour,
+    )  # fmt: skip
     return BudgetWorld(base.data, spec)
