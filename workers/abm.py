@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from forkpop.population.models import linear_chain, load_flat_weights
 from forkpop.workers.budget import Oracle
+from forkpop.workers.engine import _act_backward
 from torch import nn
 
 SIGNALS = ("margin", "novelty", "unlabelled", "uncovered", "progress", "surprise", "budget_left", "time")
@@ -218,7 +219,7 @@ class _ChainStep:
     soft cross-entropy of the anchor's rows against their targets."""
 
     def __init__(self, layers: list[nn.Module]):
-        self.layers = layers
+        self.layers = [m for m in layers if not isinstance(m, nn.Identity)]
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, k: int, soft: torch.Tensor | None,
                  anchor: float, lr: float) -> None:  # fmt: skip
@@ -233,21 +234,15 @@ class _ChainStep:
             g[k:] -= soft
             g[k:] *= anchor / len(soft)
         for i in range(len(self.layers) - 1, -1, -1):
-            m, a_in, a_out = self.layers[i], acts[i], acts[i + 1]
+            m = self.layers[i]
             if isinstance(m, nn.Linear):
                 g_in = g @ m.weight if i else None
-                m.weight.sub_(g.T @ a_in, alpha=lr)
+                m.weight.sub_(g.T @ acts[i], alpha=lr)
                 if m.bias is not None:
                     m.bias.sub_(g.sum(0), alpha=lr)
                 g = g_in
-            elif isinstance(m, nn.ReLU):
-                g = g * (a_out > 0)
-            elif isinstance(m, nn.Tanh):
-                g = g * (1 - a_out * a_out)
-            elif isinstance(m, nn.Sigmoid):
-                g = g * a_out * (1 - a_out)
-            elif isinstance(m, nn.LeakyReLU):
-                g = torch.where(a_in > 0, g, g * m.negative_slope)
+            else:  # the engine's activation backward, from the activation's output
+                g = _act_backward(m, g, acts[i + 1])
 
 
 def live(
